@@ -1,0 +1,58 @@
+"""Multi-head Latent Attention (MLA).
+
+Each token is squeezed into one small latent (``hidden / kv_compression`` values); keys and
+values are rebuilt from it by two up-projections into ``num_kv_heads`` heads shared by
+all query heads (GQA). Only the latent needs caching during generation.
+
+RoPE rotates K after the up-projection, so ``k_up`` cannot be absorbed into the query
+side (DeepSeek-V2 adds a separate small RoPE key for that); we rebuild K and V from the
+cached latents each step, which costs ``2 * latent * kv_heads * head_dim`` multiply-adds
+per cached token per layer — small next to the rest of a decoding step for this model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .cache import LatentCache
+from .config import ModelConfig
+from .rope import apply_rope
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        kv_width = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.kv_down = nn.Linear(cfg.hidden_size, cfg.latent_size, bias=False)
+        self.k_up = nn.Linear(cfg.latent_size, kv_width, bias=False)
+        self.v_up = nn.Linear(cfg.latent_size, kv_width, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                rope_k: tuple[torch.Tensor, torch.Tensor],
+                cache: LatentCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, hidden]; ``rope_q`` / ``rope_k``: (cos, sin) for the query and key
+        positions, shaped [B, 1, T or S, head_dim]. Without a cache, attention is causal;
+        with one, ``mask`` (from the cache) decides, None meaning "see every key"."""
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
+        latent = self.kv_down(x)
+        if cache is not None:
+            latent = cache.update(self.layer_index, latent)
+        keys = latent.shape[1]
+        k = self.k_up(latent).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_up(latent).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, *rope_q)
+        k = apply_rope(k, *rope_k)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=cache is None,
+            enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))

@@ -1,0 +1,97 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, loaded safely.
+
+Atomic: write a temporary file beside the target, fsync it, then rename over the target,
+so a crash at any moment leaves either the old file or the new one, never half of one.
+Safe: ``torch.load(weights_only=True)`` refuses anything that could run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, model_config_from_dict
+from .errors import UserError
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint dict; a missing, unreadable or corrupt file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint "
+                        "(no 'model' or 'config' entry)")
+    return ckpt
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the model a checkpoint describes and load its weights."""
+    from .model import DeepSeekMini
+
+    ckpt = load_checkpoint(path, map_location)
+    try:
+        cfg = model_config_from_dict(ckpt["config"].get("model", {}), f"checkpoint {path}")
+    except (ConfigError, AttributeError) as exc:
+        raise UserError(f"checkpoint {path} has an unusable model config: {exc}") from None
+    model = DeepSeekMini(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"checkpoint {path} does not match its model config: {first}") from None
+    return model.to(map_location)

@@ -1,0 +1,298 @@
+"""Configuration as data: three dataclasses read from YAML, checked once, at the edge.
+
+Every key has a default, unknown keys and wrong types are errors, and ``--set a.b=v``
+overrides are parsed as YAML values, so the command line speaks the same language as
+the files. Nothing here is ever executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    num_layers: int = 30
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    kv_compression: float = 8
+    rope_theta: float = 10000.0
+    max_position: int = 2048
+    num_experts: int = 8
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden: int = 1536
+    expert_activation: str = "gelu"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    tie_embeddings: bool = True
+    norm_eps: float = 1.0e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def latent_size(self) -> int:
+        """Width of the per-token MLA latent: all the KV cache holds."""
+        return round(self.hidden_size / self.kv_compression)
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "kv_compression", "rope_theta", "max_position", "num_experts", "top_k",
+                  "expert_hidden", "norm_eps")
+        _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                              f"model.num_heads ({self.num_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.hidden_size / model.num_heads = {self.head_dim} must be "
+                              "even for RoPE")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by "
+                              f"model.num_kv_heads ({self.num_kv_heads})")
+        latent = self.hidden_size / self.kv_compression
+        if abs(latent - round(latent)) > 1e-9:
+            raise ConfigError(f"model.kv_compression ({self.kv_compression}) must divide "
+                              f"model.hidden_size ({self.hidden_size}) into a whole latent size, "
+                              f"got {latent:g}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.top_k ({self.top_k}) must not exceed model.num_experts "
+                              f"({self.num_experts})")
+        _one_of(self, "expert_activation", ("gelu", "swiglu"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "tinystories-instruct"
+    files: list[str] = field(default_factory=list)
+    tokenizer: str = "smollm2"
+    seq_len: int = 128
+    val_fraction: float = 0.01
+    cache_dir: str = ".cache/deepseek-mini"
+    demo_stories: int = 20000
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        _one_of(self, "source", ("tinystories-instruct", "demo", "files"))
+        _positive(self, "seq_len", "demo_stories", "num_workers")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.source == "files" and not self.files:
+            raise ConfigError("data.files is empty but data.source is 'files': list paths or globs")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "checkpoints"
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"
+    tf32: bool = True
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    max_steps: int = 10000
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    log_interval: int = 10
+    eval_interval: int = 250
+    eval_batches: int = 20
+    save_interval: int = 250
+    sample_interval: int = 500
+    warm_start: str | None = None
+    compile: bool = False
+    parallel: str = "none"
+
+    def validate(self) -> None:
+        _one_of(self, "device", ("auto", "cpu", "cuda"))
+        _one_of(self, "precision", ("auto", "fp16", "bf16", "fp32"))
+        _one_of(self, "parallel", ("none", "ddp", "fsdp"))
+        _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
+                  "eval_interval", "eval_batches", "save_interval", "sample_interval")
+        _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "config") -> Config:
+        """Build and validate a config; ``source`` names the origin in error messages."""
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping with sections model / data / train")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section '{unknown[0]}' "
+                              f"(known: {', '.join(SECTIONS)})")
+        sections = {name: _build_section(name, kind, raw.get(name), source)
+                    for name, kind in SECTIONS.items()}
+        cfg = cls(**sections)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> Config:
+        """Read a YAML file (or start from defaults when ``path`` is None), then apply
+        ``section.key=value`` overrides."""
+        raw: dict[str, Any] = {}
+        source = "defaults"
+        if path is not None:
+            source = str(path)
+            raw = _read_yaml(Path(path))
+        for item in overrides:
+            _apply_override(raw, item)
+        return cls.from_dict(raw, source)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> ModelConfig:
+    """A validated ModelConfig from a plain dict, as stored in a checkpoint."""
+    cfg = _build_section("model", ModelConfig, raw, source)
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model / data / train")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.max_steps=50")
+    section, name = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {item!r}: unknown section '{section}' "
+                          f"(known: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping")
+    target[name] = value
+
+
+def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
+    if raw is None:
+        return kind()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping")
+    hints = typing.get_type_hints(kind)
+    fields = {f.name for f in dataclasses.fields(kind)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'")
+        values[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return kind(**values)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(t for t in options if t is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            raise ConfigError(f"{_section_of(obj)}.{n} must be positive, got {getattr(obj, n)}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{_section_of(obj)}.{n} must be >= 0, got {getattr(obj, n)}")
+
+
+def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in options:
+        raise ConfigError(f"{_section_of(obj)}.{name} must be one of {', '.join(options)}; "
+                          f"got {value!r}")
+
+
+def _section_of(obj: Any) -> str:
+    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}[type(obj)]

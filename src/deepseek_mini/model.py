@@ -1,0 +1,150 @@
+"""DeepSeekMini: token embedding → decoder layers (MLA + MoE) → RMSNorm → LM head.
+
+Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attention import MultiHeadLatentAttention
+from .cache import LatentCache
+from .config import ModelConfig
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import rope_tables
+
+
+@dataclass
+class ModelOutput:
+    """Logits and, when targets were given, ``loss = ce + aux`` with aux's two parts.
+
+    ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
+    statistics for logging; reading them is the caller's (synchronising) choice.
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
+    router_entropy: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = MultiHeadLatentAttention(cfg, layer_index)
+        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.moe = MoE(cfg)
+
+    def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                rope_k: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None,
+                mask: torch.Tensor | None):
+        x = x + self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask)
+        moe_out, stats = self.moe(self.moe_norm(x))
+        return x + moe_out, stats
+
+
+class DeepSeekMini(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) everywhere; residual-output projections scaled by 1/sqrt(2L) so
+        the residual stream's variance does not grow with depth (GPT-2)."""
+        out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "w_down", "down.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: LatentCache | None = None, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """``input_ids`` and ``targets`` [B, T] (target -100 is ignored).
+
+        With a ``cache``, the tokens are appended to it: ``positions`` [B, T] gives their
+        RoPE positions (default: right after the cached ones) and ``attention_mask``
+        [B, T] marks real tokens (0 for left padding). ``logits_to_keep > 0`` computes
+        logits for the last positions only, as generation needs.
+        """
+        batch, steps = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + steps, device=input_ids.device)
+            positions = positions.expand(batch, steps)
+        rope_q = self._rope(positions)
+        mask = None
+        if cache is not None:
+            cache.append(positions, attention_mask)
+            rope_k = self._rope(cache.key_positions())
+            mask = cache.attention_mask()
+        else:
+            rope_k = rope_q
+        x = self.embed(input_ids)
+        stats = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, rope_q, rope_k, cache, mask)
+            stats.append(layer_stats)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        out = ModelOutput(
+            logits=logits,
+            expert_counts=torch.stack([s.expert_counts for s in stats]),
+            router_entropy=torch.stack([s.router_entropy for s in stats]))
+        if targets is not None:
+            out.ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                     ignore_index=-100)
+            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+            out.aux = out.balance_loss + out.z_loss
+            out.loss = out.ce + out.aux
+        return out
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def new_cache(self, batch_size: int, max_len: int,
+                  dtype: torch.dtype | None = None) -> LatentCache:
+        cfg = self.config
+        return LatentCache(cfg.num_layers, batch_size, max_len, cfg.latent_size, self.device,
+                           dtype or self.embed.weight.dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
+                        ) -> DeepSeekMini:
+        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file)."""
+        from .checkpoint import load_model
+
+        return load_model(path, map_location)
