@@ -268,11 +268,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return [_coerce(key, v, item) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        return _float_from_text(key, value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
     return value
+
+
+def _float_from_text(key: str, text: str) -> float:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; accept it as the number it means."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be float, got {text!r}") from None
 
 
 def _positive(obj: Any, *names: str) -> None:
