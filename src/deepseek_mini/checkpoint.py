@@ -81,9 +81,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the model a checkpoint describes and load its weights."""
+    return model_from_checkpoint(load_checkpoint(path, map_location), path).to(map_location)
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path):
+    """The model of an already loaded checkpoint dict (``path`` only names it in errors),
+    for callers that also need the checkpoint's other entries."""
     from .model import DeepSeekMini
 
-    ckpt = load_checkpoint(path, map_location)
     try:
         cfg = model_config_from_dict(ckpt["config"].get("model", {}), f"checkpoint {path}")
     except (ConfigError, AttributeError) as exc:
@@ -94,4 +99,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} does not match its model config: {first}") from None
-    return model.to(map_location)
+    return model
