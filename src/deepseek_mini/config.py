@@ -87,10 +87,13 @@ class DataConfig:
     cache_dir: str = ".cache/deepseek-mini"
     demo_stories: int = 20000
     num_workers: int = 2
+    max_documents: int | None = None  # stop after this many documents (bounds a Hub download)
 
     def validate(self) -> None:
         _one_of(self, "source", ("tinystories-instruct", "demo", "files"))
         _positive(self, "seq_len", "demo_stories", "num_workers")
+        if self.max_documents is not None:
+            _positive(self, "max_documents")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.source == "files" and not self.files:
