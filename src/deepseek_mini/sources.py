@@ -40,7 +40,8 @@ def documents(cfg: Config) -> Iterator[str]:
     """The configured source's documents in a fixed order, at most ``data.max_documents``."""
     data = cfg.data
     if data.source == "demo":
-        docs: Iterable[str] = demo_stories(data.demo_stories, cfg.train.seed)
+        count = min(data.demo_stories, data.max_documents or data.demo_stories)
+        docs: Iterable[str] = demo_stories(count, cfg.train.seed)
     elif data.source == "files":
         docs = (doc for path in resolve_files(data.files) for doc in read_file(path))
     else:
