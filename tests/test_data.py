@@ -6,13 +6,15 @@ import gzip
 import json
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from deepseek_mini import Config
+from deepseek_mini import Config, sources
 from deepseek_mini import data as data_module
 from deepseek_mini.cli import main
 from deepseek_mini.data import BatchSampler, prepare_data, val_batches
@@ -115,6 +117,24 @@ def test_hub_source_offline_says_how_to_use_local_files(smollm2_tokenizer, tmp_p
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=tinystories-instruct")
     with pytest.raises(UserError, match=r"not reachable.*data.source: files.*data.files"):
         prepare_data(cfg, progress=False)
+
+
+def test_hub_source_streams_train_rows_into_records(smollm2_tokenizer, tmp_path, monkeypatch):
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        rows = INSTRUCT.split("\n") + ["<|endoftext|>", "Story: Two.", "<|endoftext|>"]
+        return [{"text": line} for line in rows]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(sources, "hub_reachable", lambda: True)
+    cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=tinystories-instruct",
+                 "data.val_fraction=0", "data.seq_len=8")
+    prepared = prepare_data(cfg, progress=False)
+    assert calls == [("roneneldan/TinyStoriesInstruct", "train", True)]
+    assert smollm2_tokenizer.decode(prepared.train.tolist()) == (
+        f"{INSTRUCT}<|endoftext|>Story: Two.<|endoftext|>")
 
 
 # --- demo corpus ---------------------------------------------------------------------------

@@ -190,17 +190,15 @@ def _current_meta(directory: Path, identity: dict) -> dict | None:
     """The cached meta when it describes ``identity`` and both token files are whole."""
     try:
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if meta.get("identity") != identity:
-        why = _what_changed(meta.get("identity"), identity)
-        warn(f"rebuilding the token cache {directory}: {why}")
-        return None
-    for split in ("train", "val"):
-        path = directory / f"{split}.bin"
-        if not path.is_file() or path.stat().st_size != 2 * meta["tokens"][split]:
+        if meta["identity"] != identity:
+            why = _what_changed(meta["identity"], identity)
+            warn(f"rebuilding the token cache {directory}: {why}")
             return None
-    return meta
+        sizes = [(directory / f"{s}.bin").stat().st_size == 2 * meta["tokens"][s]
+                 for s in ("train", "val")]
+    except (OSError, ValueError, KeyError, TypeError):  # missing, partial or hand-edited
+        return None
+    return meta if all(sizes) else None
 
 
 def _what_changed(old: dict | None, new: dict) -> str:
