@@ -4,21 +4,46 @@ Each token is squeezed into one small latent (``hidden / kv_compression`` values
 values are rebuilt from it by two up-projections into ``num_kv_heads`` heads shared by
 all query heads (GQA). Only the latent needs caching during generation.
 
-RoPE rotates K after the up-projection, so ``k_up`` cannot be absorbed into the query
-side (DeepSeek-V2 adds a separate small RoPE key for that); we rebuild K and V from the
-cached latents each step, which costs ``2 * latent * kv_heads * head_dim`` multiply-adds
-per cached token per layer — small next to the rest of a decoding step for this model.
+Why K and V are rebuilt rather than absorbed: RoPE rotates K after the up-projection, and
+the rotation depends on the key's position, so ``q · R(pos) k_up(c)`` cannot be folded into
+one query-side matrix (DeepSeek-V2 adds a separate small RoPE key for that; this model has
+none). ``v_up`` could be folded into ``o_proj`` (per head ``W_o,h · W_v``), but with one KV
+head whose width equals the latent's, that saves only the ``S x latent x head_dim`` V
+product per layer while making the output projection per-head. So each decoding step
+recomputes ``k_up`` and ``v_up`` over the ``S`` cached latents and rotates the keys: about
+``2 * S * latent * kv_heads * head_dim`` multiply-adds per layer — 2.1 M at S = 200 for the
+base model against its 6 M weights read per layer per token — for a cache half the size of a
+K/V cache of the same heads (72 values per token per layer instead of 144).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cache import LatentCache
 from .config import ModelConfig
 from .rope import apply_rope
+
+if TYPE_CHECKING:
+    from .cache import LatentCache
+
+
+def padded_causal_mask(valid: torch.Tensor, query_start: int) -> torch.Tensor:
+    """Boolean ``[B, 1, T, S]``: the queries in slots ``query_start..S-1`` see the keys at
+    or before their own slot that are real tokens (``valid`` [B, S]).
+
+    A padding query would see no key at all and SDPA would return NaN for it; it is allowed
+    to see itself instead, which keeps its (unused) output finite.
+    """
+    keys = valid.shape[1]
+    query_slot = torch.arange(query_start, keys, device=valid.device)[:, None]
+    key_slot = torch.arange(keys, device=valid.device)[None, :]
+    allowed = (key_slot <= query_slot) & valid[:, None, :]
+    allowed |= key_slot == query_slot
+    return allowed[:, None]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -40,8 +65,9 @@ class MultiHeadLatentAttention(nn.Module):
                 cache: LatentCache | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, T, hidden]; ``rope_q`` / ``rope_k``: (cos, sin) for the query and key
-        positions, shaped [B, 1, T or S, head_dim]. Without a cache, attention is causal;
-        with one, ``mask`` (from the cache) decides, None meaning "see every key"."""
+        positions, shaped [B, 1, T or S, head_dim]. ``mask`` [B, 1, T, S] (True = may see)
+        decides when given; without it, attention is causal without a cache and sees every
+        key with one (a single new token)."""
         batch, steps, _ = x.shape
         q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
         latent = self.kv_down(x)
@@ -53,6 +79,6 @@ class MultiHeadLatentAttention(nn.Module):
         q = apply_rope(q, *rope_q)
         k = apply_rope(k, *rope_k)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=cache is None,
+            q, k, v, attn_mask=mask, is_causal=cache is None and mask is None,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))

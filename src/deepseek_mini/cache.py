@@ -1,18 +1,22 @@
 """The MLA latent cache: per layer, the per-token latent and nothing else.
 
-K and V are rebuilt from the cached latents at every step, so the cache costs
-``latent_size`` values per token per layer instead of ``2 * num_kv_heads * head_dim``.
-Buffers are allocated once, at the largest length the generation may reach.
+K and V are rebuilt from the cached latents at every step (see attention.py for why and
+what it costs), so the cache holds ``latent_size`` values per token per layer instead of
+``2 * num_kv_heads * head_dim``. Buffers are allocated once, at the largest length the
+generation may reach, and every later write goes into them in place.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .attention import padded_causal_mask
+
 
 class LatentCache:
     """Preallocated latents ``[layers, batch, max_len, latent]`` with slot bookkeeping.
 
+    Slot ``s`` of every row holds that row's ``s``-th token of the sequence fed so far.
     ``positions`` is each slot's RoPE position and ``valid`` says whether a slot holds a
     real token (False for left padding), so prompts of different lengths share one batch.
     """
@@ -31,9 +35,18 @@ class LatentCache:
     def max_len(self) -> int:
         return self.latents.shape[2]
 
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[1]
+
     def append(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Reserve slots for the next ``T`` tokens of every row; call once per forward."""
-        steps = positions.shape[1]
+        """Reserve slots for the next ``T`` tokens of every row; call once per forward.
+
+        ``positions`` [B, T]; ``valid`` [B, T] (nonzero = real token) or None for all real.
+        """
+        batch, steps = positions.shape
+        if batch != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} rows; got a batch of {batch}")
         if self.length + steps > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length + steps} needed")
         self.start, self.length = self.length, self.length + steps
@@ -41,11 +54,11 @@ class LatentCache:
         if valid is None:
             self.valid[:, self.start:self.length] = True
         else:
-            self.valid[:, self.start:self.length] = valid
+            self.valid[:, self.start:self.length] = valid.bool()
             self.has_padding = True
 
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Store this forward's latents for ``layer``; return all latents so far."""
+        """Store this forward's latents for ``layer``; return all of its latents so far."""
         self.latents[layer, :, self.start:self.length] = latent
         return self.latents[layer, :, :self.length]
 
@@ -53,15 +66,8 @@ class LatentCache:
         return self.positions[:, :self.length]
 
     def attention_mask(self) -> torch.Tensor | None:
-        """Boolean ``[B, 1, T, S]`` mask for the tokens just appended, or None when plain
-        causal order needs none (one new token and no padding)."""
-        steps = self.length - self.start
-        if steps == 1 and not self.has_padding:
+        """Boolean ``[B, 1, T, S]`` mask for the tokens just appended, or None when every
+        query may see every cached key (one new token and no padding anywhere)."""
+        if self.length - self.start == 1 and not self.has_padding:
             return None
-        device = self.valid.device
-        query_slot = torch.arange(self.start, self.length, device=device)[:, None]
-        key_slot = torch.arange(self.length, device=device)[None, :]
-        allowed = (key_slot <= query_slot) & self.valid[:, None, :self.length]
-        # A padded query row would see no key at all; let it see itself to avoid NaNs.
-        allowed |= key_slot == query_slot
-        return allowed[:, None]
+        return padded_causal_mask(self.valid[:, :self.length], self.start)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .attention import MultiHeadLatentAttention
+from .attention import MultiHeadLatentAttention, padded_causal_mask
 from .cache import LatentCache
 from .config import ModelConfig
 from .moe import MoE
@@ -92,10 +92,11 @@ class DeepSeekMini(nn.Module):
                 logits_to_keep: int = 0) -> ModelOutput:
         """``input_ids`` and ``targets`` [B, T] (target -100 is ignored).
 
-        With a ``cache``, the tokens are appended to it: ``positions`` [B, T] gives their
-        RoPE positions (default: right after the cached ones) and ``attention_mask``
-        [B, T] marks real tokens (0 for left padding). ``logits_to_keep > 0`` computes
-        logits for the last positions only, as generation needs.
+        ``positions`` [B, T] gives the tokens' RoPE positions (default: 0, 1, ... or, with
+        a ``cache``, right after the cached ones) and ``attention_mask`` [B, T] marks real
+        tokens (0 for left padding, which no token attends to). With a ``cache``, the
+        tokens are appended to it and attend to everything cached before them.
+        ``logits_to_keep > 0`` computes logits for the last positions only.
         """
         batch, steps = input_ids.shape
         if positions is None:
@@ -110,6 +111,8 @@ class DeepSeekMini(nn.Module):
             mask = cache.attention_mask()
         else:
             rope_k = rope_q
+            if attention_mask is not None:
+                mask = padded_causal_mask(attention_mask.bool(), 0)
         x = self.embed(input_ids)
         stats = []
         for layer in self.layers:
