@@ -3,6 +3,7 @@ once, expert usage, the transformers route, and the errors a user sees."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -154,10 +155,14 @@ def test_expert_fractions_sum_to_one_per_layer(capsys, data_file, tiny_checkpoin
     assert "bpb" in out and "entropy" in out and "router entropy" in out
 
 
-def test_documents_split_at_end_of_text_lines(tmp_path):
+def test_documents_are_read_as_training_reads_them(tmp_path):
     path = tmp_path / "mixed.txt"
     path.write_text("first\nstory\n<|endoftext|>\n\n<|endoftext|>\nsecond\n", encoding="utf-8")
     assert read_documents(path) == ["first\nstory", "second"]
+    jsonl = tmp_path / "docs.jsonl.gz"
+    with gzip.open(jsonl, "wt", encoding="utf-8") as f:
+        f.write('{"text": "one"}\n{"text": "two"}\n')
+    assert read_documents(jsonl) == ["one", "two"]
     plain = tmp_path / "plain.txt"
     plain.write_text("just some text\nover two lines\n", encoding="utf-8")
     assert read_documents(plain) == ["just some text\nover two lines"]
@@ -202,17 +207,26 @@ def test_hf_model_scores_the_same_windows(capsys, data_file, tiny_checkpoint, ti
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"", "holds no text"),
-    (b"\n<|endoftext|>\n  \n", "holds no text"),
+    (b"", "is empty"),
+    (b"\n<|endoftext|>\n  \n", "holds no text to score"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is binary"),
-    (b"caf\xe9 au lait", "not UTF-8 text"),
+    (b"\xff\xfe\xfd junk \xc0\xc1", "is not UTF-8 text"),
 ])
 def test_bad_data_files(capsys, tmp_path, tiny_checkpoint, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--data", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and str(path) in err
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("error: ") and message in last and str(path) in last
+
+
+def test_a_few_invalid_bytes_are_replaced_with_a_warning_as_in_training(capsys, tmp_path,
+                                                                         tiny_checkpoint):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"The caf\xe9 was warm. " + b"The cat slept by the door all day long. " * 4)
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint[0]), "--data", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "1 invalid UTF-8 sequence(s) replaced" in captured.err and "bpb" in captured.out
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -2,8 +2,9 @@
 
 What is scored, precisely:
 
-* The file is split into documents at ``<|endoftext|>`` lines (TinyStories and
-  TinyStoriesInstruct .txt); a file without them is one document.
+* The file is split into documents as training reads it: at ``<|endoftext|>`` in .txt
+  (TinyStories, TinyStoriesInstruct; a file without it is one document), one ``text``
+  field per line of .jsonl, either gzipped or not.
 * Each model turns the documents into one token stream: an end-of-text token first (the
   context the first document is predicted from, never itself scored), then every
   document's tokens followed by end-of-text. Every token after the leading one is scored
@@ -38,9 +39,11 @@ from .config import DataConfig
 from .errors import UserError
 from .expert_usage import ExpertUsage
 from .hub import hub_reachable
+from .sources import read_file
 from .tokenizer import DEFAULT_CACHE_DIR, EOS_TOKEN, Tokenizer, load_tokenizer
 
 ENCODE_CHUNK = 256  # documents tokenized per call while filling a --max-tokens budget
+MAX_INVALID_FRACTION = 0.01  # of a file's characters that may be invalid UTF-8 bytes
 
 # inputs [B, T] -> (logits [B, T, V], expert counts [L, E] or None, router entropy [L] or None)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
@@ -80,30 +83,21 @@ class EvalResult:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """The non-empty documents of a UTF-8 text file, split at ``<|endoftext|>`` lines."""
+    """The documents of a data file, read as training reads them (``sources.read_file``:
+    .txt split at ``<|endoftext|>``, .jsonl, optionally gzipped), refused when binary or
+    mostly not UTF-8: a few invalid bytes become U+FFFD with a warning, as in training."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read data file {path}: {exc.strerror}") from None
-    if b"\x00" in raw:
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty")
+    docs = list(read_file(path))
+    chars = sum(len(d) for d in docs)
+    if any("\x00" in d for d in docs):
         raise UserError(f"data file {path} is binary, not text (it holds NUL bytes)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"data file {path} is not UTF-8 text (invalid byte at offset "
-                        f"{exc.start})") from None
-    docs, lines = [], []
-    for line in text.splitlines():
-        if line.strip() == EOS_TOKEN:
-            docs.append("\n".join(lines).strip())
-            lines = []
-        else:
-            lines.append(line)
-    docs.append("\n".join(lines).strip())
-    docs = [d for d in docs if d]
+    if chars and sum(d.count("\ufffd") for d in docs) > MAX_INVALID_FRACTION * chars:
+        raise UserError(f"data file {path} is not UTF-8 text (over "
+                        f"{100 * MAX_INVALID_FRACTION:.0f}% of it is invalid bytes)")
     if not docs:
         raise UserError(f"data file {path} holds no text to score")
     return docs
