@@ -1,0 +1,99 @@
+"""Where a training step's time goes: torch.profiler over a few full steps of deepseek-mini.
+
+    python benchmarks/profile_step.py --config configs/base.yaml --layers 4 --steps 3
+
+Prints the operators by self time (CPU or CUDA) and a coarse split into the model's parts
+(attention, routed experts, shared expert, LM head + cross-entropy, optimizer), read from
+``record_function`` labels added here, not in the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from deepseek_mini import Config, DeepSeekMini  # noqa: E402
+
+PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
+         "moe.router": "router", "lm_head": "LM head"}
+
+
+def label_modules(model: torch.nn.Module) -> None:
+    """Wrap the forward of each labelled submodule in a ``record_function`` range."""
+    for name, module in model.named_modules():
+        part = next((label for key, label in PARTS.items() if name.endswith(key)), None)
+        if part is None:
+            continue
+        forward = module.forward
+
+        def labelled(*args, _forward=forward, _part=part, **kwargs):
+            with record_function(f"part: {_part}"):
+                return _forward(*args, **kwargs)
+
+        module.forward = labelled
+
+
+@contextmanager
+def step_range(name: str) -> Iterator[None]:
+    with record_function(f"phase: {name}"):
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/base.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    overrides = list(args.set)
+    if args.layers:
+        overrides.append(f"model.num_layers={args.layers}")
+    cfg = Config.from_yaml(args.config, overrides=overrides).model
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = DeepSeekMini(cfg).to(device)
+    label_modules(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step() -> None:
+        with step_range("forward"):
+            loss = model(x, targets=y).loss
+        with step_range("backward"):
+            loss.backward()
+        with step_range("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, optimizer state
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(events.table(sort_by=sort, row_limit=args.rows))
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{'range':<32}{'total ms/step':>14}{'share':>8}")
+    for e in sorted(events, key=lambda e: -e.cpu_time_total):
+        if e.key.startswith(("phase: ", "part: ")):
+            ms = e.cpu_time_total / 1e3 / args.steps
+            print(f"{e.key:<32}{ms:>14.1f}{e.cpu_time_total / total:>8.1%}")
+
+
+if __name__ == "__main__":
+    main()
