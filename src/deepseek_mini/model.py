@@ -6,16 +6,17 @@ Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .attention import MultiHeadLatentAttention, padded_causal_mask
 from .cache import LatentCache
 from .config import ModelConfig
+from .cross_entropy import linear_cross_entropy
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import rope_tables
@@ -27,9 +28,14 @@ class ModelOutput:
 
     ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
     statistics for logging; reading them is the caller's (synchronising) choice.
+
+    With targets, ``logits`` are computed only if read: the loss comes from the final
+    hidden states without the [tokens, vocab] tensor (cross_entropy.py), so training never
+    builds it.
     """
 
-    logits: torch.Tensor
+    hidden: torch.Tensor = field(repr=False)
+    head: nn.Module = field(repr=False)
     loss: torch.Tensor | None = None
     ce: torch.Tensor | None = None
     aux: torch.Tensor | None = None
@@ -37,6 +43,10 @@ class ModelOutput:
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -121,14 +131,15 @@ class DeepSeekMini(nn.Module):
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
         out = ModelOutput(
-            logits=logits,
+            hidden=x, head=self.lm_head,
             expert_counts=torch.stack([s.expert_counts for s in stats]),
             router_entropy=torch.stack([s.router_entropy for s in stats]))
+        if targets is None:  # now, under the caller's autocast and grad mode
+            out.logits = self.lm_head(x)
         if targets is not None:
-            out.ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                     ignore_index=-100)
+            out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
+                                          targets.flatten())
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
             out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
             out.aux = out.balance_loss + out.z_loss

@@ -70,8 +70,13 @@ def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], weight.shape[-1]))
 
 
+@torch.compiler.disable
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e, times ``weight[e]``."""
+    """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e, times ``weight[e]``.
+
+    Kept out of ``torch.compile`` graphs: ``_grouped_mm``'s fake-tensor rule accepts only
+    bf16 (fp32 training on the CPU failed to compile), and the fallback reads the counts.
+    """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)

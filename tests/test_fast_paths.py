@@ -1,0 +1,153 @@
+"""Each fast path computes what the plain way computes: the whole model against
+benchmarks/plain_model.py (explicit softmax attention with repeated KV heads, per-slot and
+per-expert loops, full-logits cross-entropy, uncached decoding), and the pieces one by one
+(grouped expert GEMMs, chunked cross-entropy through the LM head, fused AdamW)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from deepseek_mini import Config, DeepSeekMini
+from deepseek_mini.cross_entropy import linear_cross_entropy
+from deepseek_mini.generation import generate
+from deepseek_mini.moe import grouped_matmul
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from plain_model import PlainDeepSeekMini  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a shared 2-core machine a second OpenMP thread only
+    adds barrier waits (this file runs ~10x faster on one thread when the CPU is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(*overrides: str):
+    return Config.from_yaml(TINY, overrides=["model.vocab_size=256", "model.hidden_size=64",
+                                             "model.expert_hidden=96", *overrides]).model
+
+
+def model_pair(*overrides: str) -> tuple[DeepSeekMini, PlainDeepSeekMini]:
+    torch.manual_seed(0)
+    cfg = small_config(*overrides)
+    ours = DeepSeekMini(cfg)
+    plain = PlainDeepSeekMini(cfg)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+@pytest.mark.parametrize("overrides", [
+    ("model.expert_activation=gelu",),
+    ("model.expert_activation=swiglu",),
+    ("model.num_kv_heads=2", "model.num_shared_experts=0"),
+    ("model.num_heads=2", "model.num_kv_heads=2", "model.top_k=1"),
+    ("model.expert_hidden=90",),
+])
+def test_model_matches_plain_implementation_in_loss_logits_and_gradients(overrides):
+    ours, plain = model_pair(*overrides)
+    ids = torch.randint(0, 256, (3, 24))
+    targets = torch.randint(0, 256, (3, 24))
+    targets[0, :5] = -100
+    out = ours(ids, targets=targets)
+    logits, loss = plain(ids, targets)
+    torch.testing.assert_close(out.logits, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    loss.backward()
+    plain_grads = dict(plain.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name].grad, rtol=1e-3, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_cached_generation_matches_uncached_plain_decoding():
+    ours, plain = model_pair("model.num_layers=2")
+    ours.eval()
+    prompt = torch.randint(0, 256, (3, 7))
+    expected = plain.generate(prompt, 12)
+    assert torch.equal(generate(ours, prompt, max_new_tokens=12, temperature=0.0), expected)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_one_token_decoding_step_matches_plain_forward(activation):
+    """Batch-1, one-token steps go through whatever small-batch MoE path exists."""
+    ours, plain = model_pair(f"model.expert_activation={activation}")
+    ours.eval()
+    ids = torch.randint(0, 256, (1, 10))
+    cache = ours.new_cache(1, 10)
+    with torch.no_grad():
+        ours(ids[:, :9], cache=cache)
+        step = ours(ids[:, 9:], cache=cache).logits[:, -1]
+        reference = plain(ids)[0][:, -1]
+    torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("counts", "width"), [([5, 0, 9, 2], 12), ([0, 0, 16, 0], 8),
+                                                ([1, 1, 1, 1], 8), ([3, 4, 0, 2], 6)])
+def test_grouped_matmul_matches_a_loop_over_experts_forward_and_backward(counts, width):
+    """Width 6 (24-byte rows) is too narrow for ``_grouped_mm`` and takes the loop."""
+    torch.manual_seed(0)
+    x = torch.randn(sum(counts), 8, requires_grad=True)
+    w = torch.randn(len(counts), 8, width, requires_grad=True)
+    grad_out = torch.randn(sum(counts), width)
+    fast = grouped_matmul(x, w, torch.tensor(counts))
+    (fast * grad_out).sum().backward()
+    fast_grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    slow = torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts))])
+    (slow * grad_out).sum().backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast_grads[0], x.grad)
+    torch.testing.assert_close(fast_grads[1], w.grad)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+def test_chunked_cross_entropy_matches_full_logits(chunk_rows):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::4] = -100
+    fast = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    (fast * 3.0).backward()
+    fast_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    slow = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)
+    (slow * 3.0).backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast_grads[0], hidden.grad)
+    torch.testing.assert_close(fast_grads[1], weight.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), slow)
+
+
+def test_fused_adamw_matches_the_per_tensor_loop():
+    """The trainer's optimizer (optim.build_optimizer) is the fused kernel."""
+    ours, _ = model_pair()
+    twin = copy.deepcopy(ours)
+    settings = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    fused = torch.optim.AdamW(ours.parameters(), fused=True, **settings)
+    loop = torch.optim.AdamW(twin.parameters(), foreach=False, **settings)
+    ids = torch.randint(0, 256, (2, 16))
+    for _ in range(3):
+        ours(ids, targets=ids).loss.backward()
+        for p, q in zip(ours.parameters(), twin.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+        fused.zero_grad()
+        loop.zero_grad()
+    for (name, p), q in zip(ours.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=lambda m, n=name: f"{n}: {m}")
