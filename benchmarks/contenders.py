@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from deepseek_mini.config import ModelConfig
 from deepseek_mini.precision import Precision, setup_precision
 from deepseek_mini.sizes import flops_per_token
 
-TrainStep = Callable[[torch.Tensor], None]      # ids [B, T + 1] -> one optimizer step
+TrainStep = Callable[[torch.Tensor], object]  # ids [B, T + 1] -> one optimizer step
 Decode = Callable[[torch.Tensor, int], torch.Tensor]  # (prompt [B, P], new tokens) -> ids
 
 
@@ -38,11 +37,11 @@ class Contender:
     decode: Decode
     train_flops_per_token: int
     notes: str
-    trainer_run: SimpleNamespace | None = None  # ours: what the trainer's step reads
+    precision: Precision | None = None
 
 
 def build_ours(cfg: Config, name: str = "ours") -> Contender:
-    """The trainer's own step on a ``SimpleNamespace`` holding what it reads of a Run."""
+    """The trainer's own ``train_step`` on the model and optimizer it would build."""
     from deepseek_mini import trainer
     from deepseek_mini.generation import generate
     from deepseek_mini.optim import build_optimizer
@@ -50,11 +49,12 @@ def build_ours(cfg: Config, name: str = "ours") -> Contender:
     precision = setup_precision(cfg.train)
     model = DeepSeekMini(cfg.model).to(precision.device)
     train_model = torch.compile(model) if cfg.train.compile else model
-    run = SimpleNamespace(cfg=cfg, precision=precision, model=model, train_model=train_model,
-                          optimizer=build_optimizer(model, cfg.train))
+    optimizer = build_optimizer(model, cfg.train)
+    t = cfg.train
 
-    def train_step(ids: torch.Tensor) -> None:
-        trainer._train_step(run, ids)
+    def train_step(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return trainer.train_step(train_model, optimizer, ids, t.micro_batch_size,
+                                  t.grad_clip, precision)
 
     def decode(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0)
@@ -62,7 +62,7 @@ def build_ours(cfg: Config, name: str = "ours") -> Contender:
     notes = (f"{cfg.model.expert_activation} experts, {precision.describe()}, fused AdamW"
              + (", torch.compile" if cfg.train.compile else ""))
     return Contender(name, model, train_step, decode,
-                     flops_per_token(cfg.model, cfg.data.seq_len), notes, run)
+                     flops_per_token(cfg.model, cfg.data.seq_len), notes, precision)
 
 
 def build_plain(cfg: Config) -> Contender:

@@ -120,32 +120,30 @@ def check_grouped_mm(device: torch.device) -> dict:
 def check_training(cfg: Config, steps: int, peak: float) -> dict:
     from contenders import build_ours
 
-    from deepseek_mini import trainer
-
     device = torch.device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     contender = build_ours(cfg)
-    run, run_losses = contender.trainer_run, []
+    precision, run_losses = contender.precision, []
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len + 1),
                         device=device)
     for _ in range(3):  # warm-up, and the optimizer state's first allocation
-        trainer._train_step(run, ids)
+        contender.train_step(ids)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        losses, finite = trainer._train_step(run, ids)
+        losses, finite = contender.train_step(ids)
         run_losses.append((losses[0], finite))
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
     tokens_per_s = cfg.train.batch_size * cfg.data.seq_len / seconds
     report = {
-        "precision": run.precision.describe(),
+        "precision": precision.describe(),
         "losses": [round(float(loss), 4) for loss, _ in run_losses],
         "all_finite": all(bool(f) for _, f in run_losses),
-        "loss_scale": run.precision.scaler.get_scale() if run.precision.scaler.is_enabled()
+        "loss_scale": precision.scaler.get_scale() if precision.scaler.is_enabled()
         else None,
         "step_s": seconds, "tokens_per_s": tokens_per_s,
         "mfu": contender.train_flops_per_token * tokens_per_s / peak,

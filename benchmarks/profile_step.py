@@ -2,9 +2,11 @@
 
     python benchmarks/profile_step.py --config configs/base.yaml --layers 4 --steps 3
 
-Prints the operators by self time (CPU or CUDA) and a coarse split into the model's parts
-(attention, routed experts, shared expert, LM head + cross-entropy, optimizer), read from
-``record_function`` labels added here, not in the model.
+The step is the trainer's (forward with targets, backward, gradient clipping, the fused
+AdamW of ``optim.build_optimizer``) with ``record_function`` labels around its phases and
+around the forward of the model's parts (attention, router, routed experts, shared expert,
+LM head + cross-entropy), added here by wrapping, not in the model. Prints the operators
+by self time (CPU or CUDA), then the labelled ranges.
 """
 
 from __future__ import annotations
@@ -20,24 +22,31 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
+from deepseek_mini import model as model_module  # noqa: E402
+from deepseek_mini.config import TrainConfig  # noqa: E402
+from deepseek_mini.optim import build_optimizer  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
-         "moe.router": "router", "lm_head": "LM head"}
+         "moe.router": "router"}
+
+
+def labelled(fn, part: str):
+    def run(*args, **kwargs):
+        with record_function(f"part: {part}"):
+            return fn(*args, **kwargs)
+    return run
 
 
 def label_modules(model: torch.nn.Module) -> None:
-    """Wrap the forward of each labelled submodule in a ``record_function`` range."""
+    """Wrap the forward of each labelled submodule, and the LM head's cross-entropy, in a
+    ``record_function`` range."""
+    model_module.linear_cross_entropy = labelled(model_module.linear_cross_entropy,
+                                                 "LM head + cross-entropy")
     for name, module in model.named_modules():
         part = next((label for key, label in PARTS.items() if name.endswith(key)), None)
         if part is None:
             continue
-        forward = module.forward
-
-        def labelled(*args, _forward=forward, _part=part, **kwargs):
-            with record_function(f"part: {_part}"):
-                return _forward(*args, **kwargs)
-
-        module.forward = labelled
+        module.forward = labelled(module.forward, part)
 
 
 @contextmanager
@@ -65,7 +74,7 @@ def main() -> None:
     device = torch.device(args.device)
     model = DeepSeekMini(cfg).to(device)
     label_modules(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = build_optimizer(model, TrainConfig())
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
 
@@ -75,6 +84,7 @@ def main() -> None:
         with step_range("backward"):
             loss.backward()
         with step_range("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -88,11 +98,14 @@ def main() -> None:
     events = prof.key_averages()
     print(events.table(sort_by=sort, row_limit=args.rows))
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"{'range':<32}{'total ms/step':>14}{'share':>8}")
+    print(f"{'range':<40}{'total ms/step':>14}{'share':>8}")
+    backward = "autograd::engine::evaluate_function: "
     for e in sorted(events, key=lambda e: -e.cpu_time_total):
-        if e.key.startswith(("phase: ", "part: ")):
+        if e.key.startswith(("phase: ", "part: ")) or (
+                e.key.startswith(backward) and e.cpu_time_total > 0.01 * total):
             ms = e.cpu_time_total / 1e3 / args.steps
-            print(f"{e.key:<32}{ms:>14.1f}{e.cpu_time_total / total:>8.1%}")
+            name = e.key.replace(backward, "backward: ")
+            print(f"{name:<40}{ms:>14.1f}{e.cpu_time_total / total:>8.1%}")
 
 
 if __name__ == "__main__":
