@@ -265,6 +265,14 @@ def test_latent_from_svd_is_exact_when_k_and_v_fit(ids):
     assert torch.allclose(ours, llama_reference(state, GEOMETRY, ids), atol=1e-4)
 
 
+def test_a_lossy_latent_is_reported_and_the_experts_get_noise(weights):
+    result = warm_start(preset("model.kv_compression=4"), weights)  # latent 16 < 64 rows
+    assert not result.function_preserving
+    assert len(result.approximations) == 1 and "SVD keeps" in result.approximations[0]
+    routed = result.model.layers[0].moe.experts.w_gate
+    assert not torch.equal(routed[0], routed[1])
+
+
 def test_reference_mapping_accounts_for_every_tensor(weights, ids):
     cfg = Config.from_yaml(CONFIGS / "base.yaml", REFERENCE).model
     result = warm_start(cfg, weights, seed=0)

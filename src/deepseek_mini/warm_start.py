@@ -89,39 +89,33 @@ def warm_start(cfg: ModelConfig, weights: SmolLM2Weights, seed: int = 0) -> Warm
     geo = weights.geometry
     _check_compatible(cfg, geo, weights.source)
     result = WarmStart(DeepSeekMini(cfg), weights.source)
-    result.approximations = _approximations(cfg, geo)
-    noise = 0.0 if result.function_preserving else EXPERT_NOISE
-    generator = torch.Generator().manual_seed(seed)
-    placement = rope_pair_placement(geo.head_dim, cfg.head_dim, geo.rope_theta, cfg.rope_theta)
-    src = weights.state
-    model = result.model
+    model, src = result.model, weights.state
     record = _Recorder(model, result.rows)
-    energies = []
+    placement = rope_pair_placement(geo.head_dim, cfg.head_dim, geo.rope_theta, cfg.rope_theta)
     with torch.no_grad():
-        model.embed.weight.copy_(src["model.embed_tokens.weight"])
-        record("embed.weight", "copied", "model.embed_tokens.weight")
-        _map_lm_head(model, src, record)
-        model.norm.weight.copy_(src["model.norm.weight"])
-        record("norm.weight", "copied", "model.norm.weight")
+        _map_embeddings(model, src, record)
+        energies = []
         for i, layer in enumerate(model.layers):
-            prefix = f"model.layers.{i}."
-            layer_src = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
-            name = f"layers.{i}."
+            layer_src = _layer_state(src, i)
             layer.attn_norm.weight.copy_(layer_src["input_layernorm.weight"])
-            record(name + "attn_norm.weight", "copied", "input_layernorm.weight")
+            record(f"layers.{i}.attn_norm.weight", "copied", "input_layernorm.weight")
             layer.moe_norm.weight.copy_(layer_src["post_attention_layernorm.weight"])
-            record(name + "moe_norm.weight", "copied", "post_attention_layernorm.weight")
+            record(f"layers.{i}.moe_norm.weight", "copied", "post_attention_layernorm.weight")
             energies.append(_map_attention(layer.attn, layer_src, cfg, geo, placement,
-                                           lambda n, *a, p=name: record(p + "attn." + n, *a)))
-            _map_moe(layer.moe, layer_src, cfg, noise, generator,
-                     lambda n, *a, p=name: record(p + "moe." + n, *a))
-    if min(energies) < 1.0 - 1e-6:
-        result.approximations.append(
-            f"KV latent {cfg.latent_size} < {2 * cfg.num_kv_heads * cfg.head_dim} stacked K/V "
-            f"rows: the truncated SVD keeps {100 * min(energies):.1f}%-"
-            f"{100 * max(energies):.1f}% of their energy (mean "
-            f"{100 * sum(energies) / len(energies):.1f}%)")
+                                           record.under(f"layers.{i}.attn.")))
+        result.approximations = _approximations(cfg, geo) + _latent_loss(cfg, energies)
+        noise = 0.0 if result.function_preserving else EXPERT_NOISE
+        generator = torch.Generator().manual_seed(seed)
+        for i, layer in enumerate(model.layers):
+            _map_moe(layer.moe, _layer_state(src, i), cfg, noise, generator,
+                     record.under(f"layers.{i}.moe."))
     return result
+
+
+def _layer_state(src: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s tensors, named without the ``model.layers.N.`` prefix."""
+    prefix = f"model.layers.{index}."
+    return {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
 
 
 class _Recorder:
@@ -134,6 +128,27 @@ class _Recorder:
 
     def __call__(self, target: str, status: str, how: str) -> None:
         self.rows.append(TableRow(target, self.shapes[target], status, how))
+
+    def under(self, prefix: str) -> Callable[[str, str, str], None]:
+        """A recorder for the parameters of one submodule."""
+        return lambda target, status, how: self(prefix + target, status, how)
+
+
+def _map_embeddings(model: DeepSeekMini, src: dict[str, torch.Tensor], record) -> None:
+    model.embed.weight.copy_(src["model.embed_tokens.weight"])
+    record("embed.weight", "copied", "model.embed_tokens.weight")
+    _map_lm_head(model, src, record)
+    model.norm.weight.copy_(src["model.norm.weight"])
+    record("norm.weight", "copied", "model.norm.weight")
+
+
+def _latent_loss(cfg: ModelConfig, energies: list[float]) -> list[str]:
+    if min(energies) >= 1.0 - 1e-6:
+        return []
+    return [f"KV latent {cfg.latent_size} < {2 * cfg.num_kv_heads * cfg.head_dim} stacked K/V "
+            f"rows: the truncated SVD keeps {100 * min(energies):.1f}%-"
+            f"{100 * max(energies):.1f}% of their energy (mean "
+            f"{100 * sum(energies) / len(energies):.1f}%)"]
 
 
 def _check_compatible(cfg: ModelConfig, geo: LlamaGeometry, source: str) -> None:
