@@ -27,7 +27,8 @@ class ModelOutput:
     """Logits and, when targets were given, ``loss = ce + aux`` with aux's two parts.
 
     ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
-    statistics for logging; reading them is the caller's (synchronising) choice.
+    statistics for logging (None for a forward with a cache and no targets); reading them
+    is the caller's (synchronising) choice.
 
     With targets, ``logits`` are computed only if read: the loss comes from the final
     hidden states without the [tokens, vocab] tensor (cross_entropy.py), so training never
@@ -59,9 +60,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
                 rope_k: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None,
-                mask: torch.Tensor | None):
+                mask: torch.Tensor | None, with_stats: bool = True):
         x = x + self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask)
-        moe_out, stats = self.moe(self.moe_norm(x))
+        moe_out, stats = self.moe(self.moe_norm(x), with_stats)
         return x + moe_out, stats
 
 
@@ -123,20 +124,23 @@ class DeepSeekMini(nn.Module):
             rope_k = rope_q
             if attention_mask is not None:
                 mask = padded_causal_mask(attention_mask.bool(), 0)
+        # Router statistics cost a dozen small ops per layer: generation (a cache, no
+        # targets) goes without them.
+        with_stats = cache is None or targets is not None
         x = self.embed(input_ids)
         stats = []
         for layer in self.layers:
-            x, layer_stats = layer(x, rope_q, rope_k, cache, mask)
+            x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
             stats.append(layer_stats)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        out = ModelOutput(
-            hidden=x, head=self.lm_head,
-            expert_counts=torch.stack([s.expert_counts for s in stats]),
-            router_entropy=torch.stack([s.router_entropy for s in stats]))
+        out = ModelOutput(hidden=x, head=self.lm_head)
         if targets is None:  # now, under the caller's autocast and grad mode
             out.logits = self.lm_head(x)
+        if with_stats:
+            out.expert_counts = torch.stack([s.expert_counts for s in stats])
+            out.router_entropy = torch.stack([s.router_entropy for s in stats])
         if targets is not None:
             out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
                                           targets.flatten())

@@ -118,7 +118,10 @@ class MoE(nn.Module):
                                    cfg.expert_activation)
                        if cfg.num_shared_experts else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor,
+                with_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
+        """The layer's output and, if ``with_stats``, its router statistics and losses
+        (generation skips them: a dozen small ops per layer per decoded token)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens).float()
@@ -136,7 +139,8 @@ class MoE(nn.Module):
             0, token_of_slot, expert_out)
         if self.shared is not None:
             out = out + self.shared(tokens)
-        return out.reshape(shape).to(x.dtype), self._stats(logits, probs, counts)
+        stats = self._stats(logits, probs, counts) if with_stats else None
+        return out.reshape(shape).to(x.dtype), stats
 
     def _stats(self, logits: torch.Tensor, probs: torch.Tensor,
                counts: torch.Tensor) -> RouterStats:
