@@ -176,6 +176,11 @@ def test_generation_stops_at_end_of_text(model):
     assert single.shape[1] == 5
 
 
+def test_zero_new_tokens_returns_the_prompt(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(model, prompt, max_new_tokens=0), prompt)
+
+
 def test_streamer_sees_every_new_token(model):
     prompt = torch.randint(0, 512, (2, 3), generator=torch.Generator().manual_seed(7))
     seen = []
