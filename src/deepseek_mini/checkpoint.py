@@ -2,18 +2,22 @@
 
 Atomic: write a temporary file beside the target, fsync it, then rename over the target,
 so a crash at any moment leaves either the old file or the new one, never half of one.
-Safe: ``torch.load(weights_only=True)`` refuses anything that could run code.
+Safe: ``torch.load(weights_only=True)`` refuses anything that could run code, so
+everything stored is tensors, dicts, lists, tuples, numbers, strings or None: the random
+generators' states below are converted to and from such plain forms.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import ConfigError, model_config_from_dict
@@ -100,3 +104,38 @@ def model_from_checkpoint(ckpt: dict, path: str | Path):
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"checkpoint {path} does not match its model config: {first}") from None
     return model
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run may draw from, in a weights_only-loadable form."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       prefix: str) -> list[str]:
+    """``prefix.key: saved -> current`` for each key whose value differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{prefix}.{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+            for k in keys if saved.get(k) != current.get(k)]

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_config(p)
     p.add_argument("--resume", action="store_true", help="continue from out_dir/latest.pt")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps of this session, saving latest.pt "
+                        "(the schedule still runs to train.max_steps; continue with --resume)")
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True)

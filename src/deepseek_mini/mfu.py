@@ -1,0 +1,48 @@
+"""Model FLOPs utilisation: the share of the hardware's matmul peak that training uses.
+
+The peak is measured, not looked up: a square matmul in the run's compute dtype, timed
+for a fraction of a second at start-up. On a CPU that is the only honest figure (it
+depends on the core count, the vector units and how busy the machine is); on a GPU it is
+the achievable dense peak, somewhat under the datasheet's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype,
+                        seconds: float = 0.3) -> float:
+    """FLOP/s of the fastest of ``n × n`` matmuls run back to back for about ``seconds``:
+    the best run, not the mean, so a neighbour's burst on a shared machine does not pass
+    for the hardware's peak."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, allocation
+    _sync(device)
+    best, deadline = math.inf, time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        end = time.perf_counter()
+        best = min(best, end - start)
+        if end >= deadline:
+            return 2 * n**3 / best
+
+
+def format_flops(flops: float) -> str:
+    for unit, scale in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:.1f} {unit}"
+    return f"{flops / 1e6:.1f} MFLOP/s"

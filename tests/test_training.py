@@ -1,0 +1,361 @@
+"""Training: schedule, accumulation, exact resume, crash safety, signals, non-finite steps,
+metrics schema, overfitting, and the refusals a user can run into."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+
+from deepseek_mini import Config, DeepSeekMini, UserError
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli import main
+from deepseek_mini.demo_corpus import demo_stories
+from deepseek_mini.optim import build_optimizer, lr_at
+from deepseek_mini.precision import setup_precision
+from deepseek_mini.trainer import accumulate_gradients, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
+VOCAB = 512
+TINY = [
+    "model.hidden_size=32", "model.num_heads=2", "model.kv_compression=2",
+    "model.expert_hidden=64", "model.max_position=64",
+    "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
+    "data.num_workers=1",
+    "train.device=cpu", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=2",
+    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.log_interval=2",
+    "train.eval_interval=4", "train.eval_batches=2", "train.save_interval=4",
+    "train.sample_interval=1000",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are so small that waking a second thread costs more than it saves, and
+    on a busy machine far more: one thread runs this file several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory) -> list[str]:
+    """The tiny setup with a 512-token BPE fitted to the demo corpus, and one data cache for
+    the whole module. SmolLM2's 49,152-token LM head would make each step ~50x dearer and
+    is not what these tests are about."""
+    root = tmp_path_factory.mktemp("train-data")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(demo_stories(300, 0), trainer)
+    assert tok.get_vocab_size() == VOCAB
+    tok.save(str(root / "tokenizer.json"))
+    return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
+            f"data.cache_dir={root / 'cache'}"]
+
+
+def tiny_config(data_overrides: list[str], out_dir: Path, *extra: str) -> Config:
+    return Config.from_yaml(ROOT / "configs" / "tiny.yaml",
+                            [*data_overrides, f"train.out_dir={out_dir}", *extra])
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (rows, seq_len + 1), generator=generator)
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    cfg = Config.from_yaml(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10",
+                                  "train.max_steps=110"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(4, cfg) == pytest.approx(0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(35, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+    decay = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_weight_decay_applies_to_matrices_only():
+    cfg = Config.from_yaml(None, ["model.hidden_size=32", "model.num_heads=2",
+                                  "model.num_layers=1", "model.vocab_size=64",
+                                  "model.expert_hidden=16", "train.weight_decay=0.1"])
+    model = DeepSeekMini(cfg.model)
+    decayed, plain = build_optimizer(model, cfg.train).param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    norm_gains = {id(p) for name, p in model.named_parameters() if "norm" in name}
+    assert norm_gains and norm_gains == {id(p) for p in plain["params"]}
+
+
+def test_two_micro_batches_of_four_give_the_gradient_of_one_batch_of_eight():
+    # The load-balance loss is a statistic of the batch the router sees, so it is off here;
+    # the z-loss and CE are token means and must match exactly.
+    cfg = Config.from_yaml(None, ["model.hidden_size=32", "model.num_heads=2",
+                                  "model.num_layers=2", "model.vocab_size=128",
+                                  "model.expert_hidden=32", "model.aux_loss_coef=0"])
+    torch.manual_seed(0)
+    model = DeepSeekMini(cfg.model)
+    twin = copy.deepcopy(model)
+    precision = setup_precision(Config.from_yaml(None, ["train.device=cpu",
+                                                        "train.precision=fp32"]).train)
+    batch = random_batch(8, 16, 128)
+    whole = accumulate_gradients(model, batch, 8, precision)
+    parts = accumulate_gradients(twin, batch, 4, precision)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer():
+    cfg = Config.from_yaml(None, ["model.hidden_size=32", "model.num_heads=2",
+                                  "model.num_layers=1", "model.vocab_size=128",
+                                  "model.expert_hidden=32", "train.device=cpu",
+                                  "train.precision=fp32"])
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    precision = setup_precision(cfg.train)
+    batch = random_batch(4, 16, 128)
+    train_step(model, optimizer, batch, 4, 1.0, precision)
+    before = copy.deepcopy(model.state_dict())
+    state_before = copy.deepcopy(optimizer.state_dict()["state"])
+    with torch.no_grad():
+        model.norm.weight[0] = math.nan
+    stats, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
+    assert not bool(finite) and not math.isfinite(stats[0].item())
+    with torch.no_grad():
+        model.norm.weight[0] = before["norm.weight"][0]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, state_before[index][key]), (index, key)
+    _, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
+    assert bool(finite)
+
+
+def test_non_finite_losses_are_counted_and_ten_in_a_row_stop_the_run(data_overrides, tmp_path,
+                                                                      monkeypatch):
+    real_forward = DeepSeekMini.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if out.loss is not None and self.training:
+            calls["n"] += 1
+            if 3 <= calls["n"] <= 6:  # micro batches of steps 2 and 3 (two per step)
+                out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(DeepSeekMini, "forward", poisoned)
+    result = train(tiny_config(data_overrides, tmp_path / "some", "train.max_steps=4"))
+    assert result.step == 4
+    rows = {r["step"]: r for r in read_rows(tmp_path / "some") if "loss" in r}
+    assert rows[2]["loss"] is None and rows[2]["skipped_steps"] == 1  # nothing finite to average
+    assert math.isfinite(rows[4]["loss"]) and rows[4]["skipped_steps"] == 2
+
+    def always_nan(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(DeepSeekMini, "forward", always_nan)
+    with pytest.raises(UserError, match="not finite for 10 steps in a row"):
+        train(tiny_config(data_overrides, tmp_path / "all", "train.max_steps=30",
+                          "train.log_interval=5"))
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(data_overrides, tmp_path):
+    straight = tmp_path / "straight"
+    sliced = tmp_path / "sliced"
+    steps = ["train.max_steps=20", "train.log_interval=3", "train.save_interval=7"]
+    train(tiny_config(data_overrides, straight, *steps))
+    first = train(tiny_config(data_overrides, sliced, *steps), stop_after=10)
+    assert first.step == 10 and not first.interrupted
+    # A crash mid-write leaves a cut line; rows past the checkpoint would be written twice.
+    with open(sliced / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "loss": 1.0}\n{"step": 12, "lo')
+    second = train(tiny_config(data_overrides, sliced, *steps), resume=True)
+    assert second.step == 20
+    assert without_timing(read_rows(sliced)) == without_timing(read_rows(straight))
+    a = load_checkpoint(straight / "latest.pt")
+    b = load_checkpoint(sliced / "latest.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["best_val"] == b["best_val"] and a["tokens_seen"] == b["tokens_seen"]
+
+
+def test_run_writes_config_logs_metrics_and_loadable_checkpoints(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(data_overrides, out, "train.sample_interval=8"))
+    assert (result.step, result.interrupted) == (8, False)
+    rows = read_rows(out)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_ce" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8]
+    assert [r["step"] for r in eval_rows] == [4, 8]
+    for row in train_rows:
+        for key in ("step", "loss", "ce", "aux", "lr", "tokens_per_s", "elapsed_s",
+                    "grad_norm", "mfu", "balance_loss", "z_loss"):
+            assert isinstance(row[key], int if key == "step" else float), key
+        assert row["loss"] == pytest.approx(row["ce"] + row["aux"], rel=1e-5)
+    for row in eval_rows:
+        assert isinstance(row["val_ce"], float)
+        assert len(row["expert_fractions"]) == 2 and len(row["router_entropy"]) == 2
+    assert abs(train_rows[0]["ce"] - math.log(VOCAB)) < 0.5  # a uniform guess at the start
+    assert Config.from_yaml(out / "config.yaml").to_dict() == result_config(out)
+    log = (out / "train.log").read_text()
+    assert "step      8/8" in log and "sample at step 8" in log and "val ce" in log
+    for name in ("latest.pt", "best.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config",
+                "step", "tokens_seen", "best_val"} <= set(ckpt)
+    assert torch.load(out / "best.pt", weights_only=True)["best_val"] == min(
+        r["val_ce"] for r in eval_rows)
+    model = DeepSeekMini.from_checkpoint(out / "latest.pt")
+    assert model.config.hidden_size == 32
+
+
+def result_config(out: Path) -> dict:
+    return load_checkpoint(out / "latest.pt")["config"]
+
+
+def test_overfitting_one_batch_drives_the_loss_below_half_a_nat():
+    cfg = Config.from_yaml(None, ["model.hidden_size=64", "model.num_heads=2",
+                                  "model.num_layers=2", "model.vocab_size=256",
+                                  "model.expert_hidden=64", "model.num_experts=4",
+                                  "train.device=cpu", "train.precision=fp32", "train.lr=1e-2",
+                                  "train.weight_decay=0"])
+    torch.manual_seed(0)
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    precision = setup_precision(cfg.train)
+    batch = random_batch(4, 32, 256)  # random tokens: nothing to learn but the batch itself
+    for _ in range(100):
+        stats, _ = train_step(model, optimizer, batch, 4, 1.0, precision)
+        if stats[1].item() < 0.5:
+            break
+    assert stats[1].item() < 0.5
+
+
+def test_resume_refuses_a_different_model_and_a_missing_checkpoint(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train(tiny_config(data_overrides, out), resume=True)
+    train(tiny_config(data_overrides, out, "train.max_steps=1"))
+    with pytest.raises(UserError, match=r"model\.num_layers: 2 -> 3.*model\.top_k: 2 -> 1"):
+        train(tiny_config(data_overrides, out, "model.num_layers=3", "model.top_k=1"),
+              resume=True)
+    with pytest.raises(UserError, match=r"model\.hidden_size: 32 -> 64"):
+        train(tiny_config(data_overrides, tmp_path / "warm", "model.hidden_size=64",
+                          f"train.warm_start={out / 'latest.pt'}"))
+
+
+def test_warm_start_loads_the_weights_only(data_overrides, tmp_path):
+    source = tmp_path / "source"
+    train(tiny_config(data_overrides, source, "train.max_steps=2"))
+    warm = tmp_path / "warm"
+    result = train(tiny_config(data_overrides, warm, "train.max_steps=1", "train.lr=0",
+                               "train.min_lr=0", f"train.warm_start={source / 'latest.pt'}"))
+    assert result.step == 1  # a fresh run: step, optimizer and schedule start over
+    a = load_checkpoint(source / "latest.pt")["model"]
+    b = load_checkpoint(warm / "latest.pt")["model"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_cli_resume_without_checkpoint_is_one_error_line(data_overrides, tmp_path, capsys):
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume"]
+    for item in [*data_overrides, f"train.out_dir={tmp_path}"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --resume: no checkpoint")
+
+
+def _cli_child(args: list[str]) -> None:
+    torch.set_num_threads(1)
+    raise SystemExit(main(args))
+
+
+def _train_process(data_overrides: list[str], out: Path, *extra: str):
+    """``deepseek-mini train`` in a forked child: the real command with its signal handling,
+    without a fresh interpreter's seconds of imports."""
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    for item in [*data_overrides, f"train.out_dir={out}", "train.max_steps=100000", *extra]:
+        args += ["--set", item]
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args,))
+    proc.start()
+    return proc
+
+
+def _wait_for(condition, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if not proc.is_alive():
+            raise AssertionError(f"training exited early with status {proc.exitcode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.002)
+
+
+needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork and POSIX signals")
+
+
+@needs_fork
+def test_sigkill_while_saving_leaves_a_loadable_latest(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    proc = _train_process(data_overrides, out, "train.save_interval=1", "train.eval_interval=1000")
+    latest = out / "latest.pt"
+    _wait_for(latest.exists, proc)
+    _wait_for(lambda: any(out.glob(".latest.pt.*.tmp")), proc)  # a save is under way
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    ckpt = load_checkpoint(latest)
+    assert ckpt["step"] >= 1
+    DeepSeekMini.from_checkpoint(latest)
+
+
+@needs_fork
+def test_sigterm_finishes_the_step_saves_and_exits_130(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    proc = _train_process(data_overrides, out, "train.save_interval=100000",
+                          "train.log_interval=1", "train.eval_interval=100000")
+    _wait_for(lambda: (out / "metrics.jsonl").exists()
+              and (out / "metrics.jsonl").stat().st_size > 0, proc)
+    proc.terminate()
+    proc.join(timeout=120)
+    assert proc.exitcode == 130
+    assert "stopped by SIGTERM" in (out / "train.log").read_text()
+    step = load_checkpoint(out / "latest.pt")["step"]
+    assert step >= 1
+    assert max(r["step"] for r in read_rows(out)) == step  # log_interval 1: every step
