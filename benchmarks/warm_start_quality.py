@@ -15,8 +15,10 @@ once from the ones before it in its window. Rows:
 
 With ``--steps N`` each of the last three is then trained N steps by the project's
 trainer (``deepseek_mini.trainer.train``, data.source files on the non-held-out part,
-``--batch-size`` sequences of ``--seq-len`` per step, each config's own learning rate)
-and scored again. Prints a Markdown table and writes it as JSON to the work dir.
+``--batch-size`` sequences of ``--seq-len`` per step, each config's own learning rate
+unless ``--set train.lr=...``) and scored again. ``--device auto`` trains and scores on a
+GPU when there is one (precision: the trainer's ``auto``; fp32 on CPU). Prints a Markdown
+table and writes it as JSON to the work dir.
 """
 
 from __future__ import annotations
@@ -37,16 +39,24 @@ from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
 from deepseek_mini.checkpoint import load_model  # noqa: E402
+from deepseek_mini.precision import resolve_device  # noqa: E402
 from deepseek_mini.smollm2 import load_smollm2  # noqa: E402
 from deepseek_mini.tokenizer import EOS_TOKEN, load_tokenizer  # noqa: E402
 from deepseek_mini.warm_start import warm_start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# row name -> (config, train.warm_start)
+# row name -> (config, train.warm_start, overrides); the default rows, then ablations that
+# isolate the base config's two big approximations (run them with --only).
 CONTENDERS = {
-    "random init, base": ("base.yaml", None),
-    "warm start, base": ("base.yaml", "smollm2"),
-    "warm start, smollm2-moe": ("smollm2-moe.yaml", "smollm2"),
+    "random init, base": ("base.yaml", None, []),
+    "warm start, base": ("base.yaml", "smollm2", []),
+    "warm start, smollm2-moe": ("smollm2-moe.yaml", "smollm2", []),
+}
+ABLATIONS = {
+    "warm start, base attention + swiglu experts": (
+        "base.yaml", "smollm2", ["model.expert_activation=swiglu"]),
+    "warm start, smollm2-moe attention + gelu experts": (
+        "smollm2-moe.yaml", "smollm2", ["model.expert_activation=gelu"]),
 }
 
 
@@ -77,10 +87,11 @@ def heldout_windows(heldout: Path, max_tokens: int, seq_len: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def cross_entropy(logits_of, windows: torch.Tensor, batch: int) -> float:
-    """Mean next-token CE (nats) over every window's last seq_len tokens."""
+def cross_entropy(logits_of, windows: torch.Tensor, batch: int,
+                  device: torch.device) -> float:
+    """Mean next-token CE (nats) over every window's last seq_len tokens, in fp32."""
     total, count = 0.0, 0
-    for chunk in windows.split(batch):
+    for chunk in windows.to(device).split(batch):
         logits = logits_of(chunk[:, :-1]).float()
         total += F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(),
                                  reduction="sum").item()
@@ -88,7 +99,8 @@ def cross_entropy(logits_of, windows: torch.Tensor, batch: int) -> float:
     return total / count
 
 
-def score_smollm2(source: str | None, windows: torch.Tensor, batch: int) -> float:
+def score_smollm2(source: str | None, windows: torch.Tensor, batch: int,
+                  device: torch.device) -> float:
     """SmolLM2 through transformers' own Llama (dequantising the GGUF itself)."""
     from transformers import AutoModelForCausalLM
 
@@ -99,29 +111,31 @@ def score_smollm2(source: str | None, windows: torch.Tensor, batch: int) -> floa
         raise SystemExit("no SmolLM2 GGUF found: pass --smollm2")
     kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     folder = str(path.parent) if path.suffix == ".gguf" else str(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
-    return cross_entropy(lambda x: model(x).logits, windows, batch)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model.to(device).eval()
+    return cross_entropy(lambda x: model(x).logits, windows, batch, device)
 
 
-def score_model(model: DeepSeekMini, windows: torch.Tensor, batch: int) -> float:
-    model.eval()
-    return cross_entropy(lambda x: model(x).logits, windows, batch)
+def score_model(model: DeepSeekMini, windows: torch.Tensor, batch: int,
+                device: torch.device) -> float:
+    model.to(device).eval()
+    return cross_entropy(lambda x: model(x).logits, windows, batch, device)
 
 
 def contender_config(name: str, train_file: Path, args: argparse.Namespace) -> Config:
-    config, source = CONTENDERS[name]
-    out_dir = args.work_dir / name.replace(", ", "-").replace(" ", "-")
+    config, source, overrides = {**CONTENDERS, **ABLATIONS}[name]
+    out_dir = args.work_dir / "-".join(name.replace(",", " ").replace("+", " ").split())
     return Config.from_yaml(ROOT / "configs" / config, [
         "data.source=files", f"data.files=[{train_file}]", f"data.seq_len={args.seq_len}",
         f"data.cache_dir={args.work_dir / 'cache'}", "data.val_fraction=0.01",
         f"train.out_dir={out_dir}", f"train.warm_start={source or 'null'}",
-        "train.device=cpu", "train.precision=fp32",
+        f"train.device={args.device}", "train.precision=auto",
         f"train.max_steps={max(args.steps, 1)}", f"train.batch_size={args.batch_size}",
         f"train.micro_batch_size={args.batch_size}", f"train.warmup_steps={args.warmup}",
         f"train.log_interval={max(1, args.steps // 10)}",
         f"train.eval_interval={max(args.steps, 1)}", "train.eval_batches=2",
         f"train.save_interval={max(args.steps, 1)}",
-        f"train.sample_interval={10 * max(args.steps, 1)}"])
+        f"train.sample_interval={10 * max(args.steps, 1)}", *overrides, *args.set])
 
 
 def step0_model(cfg: Config, weights) -> DeepSeekMini:
@@ -145,10 +159,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--smollm2", default=None, help="SmolLM2 folder, Hub id or GGUF")
-    parser.add_argument("--only", action="append", choices=list(CONTENDERS),
-                        help="score only these contenders (repeatable)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every contender (repeatable)")
+    parser.add_argument("--only", action="append", choices=[*CONTENDERS, *ABLATIONS],
+                        help="score only these contenders (repeatable; ablations only so)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    device = resolve_device(args.device)
 
     train_file, heldout = split_stories(args.data, args.work_dir, args.heldout_fraction)
     windows = heldout_windows(heldout, args.max_tokens, args.seq_len)
@@ -157,7 +175,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
     results["SmolLM2-135M-Instruct (transformers)"] = {
-        "step0": score_smollm2(args.smollm2, windows, args.eval_batch)}
+        "step0": score_smollm2(args.smollm2, windows, args.eval_batch, device)}
     print(f"SmolLM2: {results['SmolLM2-135M-Instruct (transformers)']} "
           f"({time.perf_counter() - start:.0f}s)", flush=True)
     weights = load_smollm2(args.smollm2)
@@ -165,7 +183,7 @@ def main() -> None:
         cfg = contender_config(name, train_file, args)
         start = time.perf_counter()
         model = step0_model(cfg, weights)
-        results[name] = {"step0": score_model(model, windows, args.eval_batch)}
+        results[name] = {"step0": score_model(model, windows, args.eval_batch, device)}
         del model
         gc.collect()
         if args.steps:
@@ -173,7 +191,7 @@ def main() -> None:
 
             train(cfg)
             trained = load_model(Path(cfg.train.out_dir) / "latest.pt")
-            results[name]["trained"] = score_model(trained, windows, args.eval_batch)
+            results[name]["trained"] = score_model(trained, windows, args.eval_batch, device)
             del trained
             gc.collect()
         print(f"{name}: {results[name]} ({time.perf_counter() - start:.0f}s)", flush=True)
