@@ -134,9 +134,10 @@ class MoE(nn.Module):
         token_of_slot = order // self.top_k
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         expert_out = self.experts(tokens[token_of_slot], counts)
-        expert_out = expert_out * weights.reshape(-1)[order, None].to(expert_out.dtype)
-        out = torch.zeros_like(tokens, dtype=expert_out.dtype).index_add_(
-            0, token_of_slot, expert_out)
+        # Back to (token, slot) order, then a weighted sum over the k slots: a gather and a
+        # reduction, where index_add_ would enter a parallel region even for one token.
+        by_token = expert_out.index_select(0, order.argsort()).view(-1, self.top_k, shape[-1])
+        out = (by_token * weights.unsqueeze(-1).to(by_token.dtype)).sum(dim=1)
         if self.shared is not None:
             out = out + self.shared(tokens)
         stats = self._stats(logits, probs, counts) if with_stats else None
