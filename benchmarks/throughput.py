@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-batches", default="1,8", help="comma-separated; '' for none")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--decode-repeats", type=int, default=2,
+                   help="decodes per batch size; the fastest counts")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each contender's process (default: torch's)")
     p.add_argument("--peak-seconds", type=float, default=0.5,
                    help="how long each matmul peak is measured")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -96,12 +100,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn()``. With one thread the CPU time is the
+    work itself, whatever else the shared machine is running."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -109,6 +115,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     from contenders import build_hf, build_ours, build_plain
 
     name = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = config_for(args, name)
     device = resolve_device(cfg.train.device)
     gen = torch.Generator().manual_seed(0)
@@ -121,24 +129,28 @@ def run_worker(args: argparse.Namespace) -> dict:
     params = sum(p.numel() for p in contender.model.parameters())
     result = {"name": name, "notes": contender.notes, "params": params,
               "train_flops_per_token": contender.train_flops_per_token,
-              "layers": cfg.model.num_layers, "device": device.type}
+              "layers": cfg.model.num_layers, "device": device.type,
+              "threads": torch.get_num_threads()}
     ids = ids.to(device)
     decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
     if decode_batches:
         contender.model.eval()
         contender.decode(prompts[:1].to(device), 2)  # warm-up
-        result["decode_s"] = {}
+        result["decode_s"], result["decode_cpu_s"] = {}, {}
         for b in decode_batches:
             prompt = prompts[:b].to(device)
-            result["decode_s"][b] = timed(lambda p=prompt: contender.decode(p, args.new_tokens),
-                                          device)
+            runs = [timed(lambda p=prompt: contender.decode(p, args.new_tokens), device)
+                    for _ in range(args.decode_repeats)]
+            result["decode_s"][b] = min(wall for wall, _ in runs)
+            result["decode_cpu_s"][b] = min(cpu for _, cpu in runs)
         contender.model.train()
     if not args.no_train:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result["first_step_s"] = timed(lambda: contender.train_step(ids), device)
-        result["step_s"] = [timed(lambda: contender.train_step(ids), device)
-                            for _ in range(args.steps)]
+        result["first_step_s"] = timed(lambda: contender.train_step(ids), device)[0]
+        runs = [timed(lambda: contender.train_step(ids), device) for _ in range(args.steps)]
+        result["step_s"] = [wall for wall, _ in runs]
+        result["step_cpu_s"] = [cpu for _, cpu in runs]
         if device.type == "cuda":
             result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     result["rss_before_model"] = rss_before
@@ -171,11 +183,14 @@ def summarise(args: argparse.Namespace, results: list[dict], peaks: dict[str, fl
         if "step_s" in r:
             step = statistics.median(r["step_s"])
             r["train_tokens_per_s"] = tokens / step
+            r["train_tokens_per_cpu_s"] = tokens / statistics.median(r["step_cpu_s"])
             flops = r["train_flops_per_token"] * r["train_tokens_per_s"]
             r["mfu"] = {k: flops / v for k, v in peaks.items()}
         r["decode_tokens_per_s"] = {int(b): int(b) * args.new_tokens / s
                                     for b, s in r.get("decode_s", {}).items()}
-    header = f"{'contender':<13}{'params':>13}{'train tok/s':>13}"
+        r["decode_tokens_per_cpu_s"] = {int(b): int(b) * args.new_tokens / s
+                                        for b, s in r.get("decode_cpu_s", {}).items()}
+    header = f"{'contender':<13}{'params':>13}{'train tok/s':>13}{'tok/CPU-s':>11}"
     header += "".join(f"{'MFU ' + k:>10}" for k in peaks)
     header += "".join(f"{f'dec b{b} tok/s':>15}" for b in _decode_sizes(results))
     header += f"{'peak mem':>11}"
@@ -184,7 +199,8 @@ def summarise(args: argparse.Namespace, results: list[dict], peaks: dict[str, fl
         if "error" in r:
             continue
         row = f"{r['name']:<13}{r['params']:>13,}"
-        row += f"{r['train_tokens_per_s']:>13.1f}" if "train_tokens_per_s" in r else f"{'-':>13}"
+        row += (f"{r['train_tokens_per_s']:>13.1f}{r['train_tokens_per_cpu_s']:>11.1f}"
+                if "train_tokens_per_s" in r else f"{'-':>13}{'-':>11}")
         row += "".join(f"{100 * r['mfu'][k]:>9.1f}%" if "mfu" in r else f"{'-':>10}"
                        for k in peaks)
         row += "".join(f"{r['decode_tokens_per_s'].get(b, float('nan')):>15.2f}"
@@ -204,22 +220,32 @@ def _decode_sizes(results: list[dict]) -> list[int]:
 
 
 def _print_ratios(results: list[dict]) -> None:
+    """ours ÷ each other contender, by wall clock and (in brackets) by CPU time."""
     by_name = {r["name"]: r for r in results if "error" not in r}
     ours = by_name.get("ours")
     if ours is None:
         return
     for other in ("plain", "hf"):
-        if other not in by_name:
+        theirs = by_name.get(other)
+        if theirs is None:
             continue
-        parts, theirs_all = [], by_name[other]
-        if "train_tokens_per_s" in ours and "train_tokens_per_s" in theirs_all:
-            ratio = ours["train_tokens_per_s"] / theirs_all["train_tokens_per_s"]
-            parts.append(f"training {ratio:.2f}x")
-        for b, speed in ours["decode_tokens_per_s"].items():
-            theirs = theirs_all["decode_tokens_per_s"].get(b)
-            if theirs:
-                parts.append(f"decode b{b} {speed / theirs:.2f}x")
+        parts = []
+        if "train_tokens_per_s" in ours and "train_tokens_per_s" in theirs:
+            parts.append("training " + _ratio(ours, theirs, "train_tokens_per_s",
+                                              "train_tokens_per_cpu_s"))
+        for b in ours["decode_tokens_per_s"]:
+            if b in theirs["decode_tokens_per_s"]:
+                parts.append(f"decode b{b} " + _ratio(
+                    ours, theirs, "decode_tokens_per_s", "decode_tokens_per_cpu_s", b))
         print(f"ours / {other}: " + ", ".join(parts))
+
+
+def _ratio(ours: dict, theirs: dict, wall: str, cpu: str, key: int | None = None) -> str:
+    def get(r: dict, name: str) -> float:
+        return r[name] if key is None else r[name][key]
+
+    return (f"{get(ours, wall) / get(theirs, wall):.2f}x "
+            f"({get(ours, cpu) / get(theirs, cpu):.2f}x by CPU time)")
 
 
 def main() -> None:
@@ -227,6 +253,8 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args)), flush=True)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(config_for(args, "ours").train.device)
     peaks = {name: measure_matmul_peak(device, dtype, args.peak_seconds)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
