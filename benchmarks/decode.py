@@ -4,8 +4,9 @@ weight dtype, and the cache's bytes per token against a K/V cache of the same mo
 Random weights (speed does not depend on them). Each run is one ``generate`` call whose
 streamer timestamps every step: the first step is the prefill, the rest are decode steps,
 so ``decode tok/s = batch * (steps - 1) / (time of the last step - time of the first)``.
-Cached and uncached runs alternate within one process, so their ratio is fair even on a
-shared machine whose absolute speed drifts.
+Variants (the cache or full recomputation; Linear weights in ``decoding_layout`` or as
+nn.Linear stores them) alternate within one process, best of ``--repeats``, so their
+ratios are fair even on a shared machine whose absolute speed drifts.
 
     python benchmarks/decode.py --config configs/base.yaml --batch 1 8
 """
@@ -18,7 +19,7 @@ import time
 import torch
 
 from deepseek_mini import Config, DeepSeekMini, generate
-from deepseek_mini.generation import DTYPES
+from deepseek_mini.generation import DTYPES, decoding_layout
 from deepseek_mini.sizes import matmul_params_per_token
 
 
@@ -56,6 +57,15 @@ def read_bandwidth(gigabytes: float = 0.5) -> float:
     return gigabytes / best
 
 
+def set_layout(model: DeepSeekMini, layout: str) -> None:
+    """``decoding``: generation.decoding_layout; ``nn.Linear``: every weight contiguous."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.contiguous()
+    if layout == "decoding":
+        decoding_layout(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/base.yaml")
@@ -82,26 +92,28 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, prompt {args.prompt_len} tokens")
     print(f"fp32 weights read per token at batch 1: {weight_gb:.3f} GB; read bandwidth "
           f"{bandwidth:.1f} GB/s -> at most {bandwidth / weight_gb:.1f} tokens/s")
-    print("| dtype | batch | cache | prefill s | decode tok/s | cached / uncached |")
-    print("|---|---|---|---|---|---|")
+    print("| dtype | batch | weights layout | cache | prefill s | decode tok/s | vs first row |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         model.to(DTYPES[name])
         fp32 = name == "fp32"
         cached_steps = args.new_tokens if fp32 else args.slow_dtype_tokens
         uncached_steps = args.uncached_tokens if fp32 else args.slow_dtype_tokens
+        variants = [("decoding", True, cached_steps), ("nn.Linear", True, cached_steps),
+                    ("decoding", False, uncached_steps)]
+        if not fp32:  # one layout: bf16 is measured only to show how slow it is here
+            variants = [("nn.Linear", True, cached_steps), ("nn.Linear", False, uncached_steps)]
         for batch in args.batch:
-            best = {True: (0.0, 0.0), False: (0.0, 0.0)}
-            decode_rate(model, batch, 4, 3, True)  # warm-up: first-call allocations
+            best = [(0.0, 0.0)] * len(variants)
             for _ in range(args.repeats if fp32 else 1):
-                for use_cache, steps in ((True, cached_steps), (False, uncached_steps)):
+                for i, (layout, use_cache, steps) in enumerate(variants):
+                    set_layout(model, layout)
+                    decode_rate(model, batch, 4, 2, True)  # warm-up after the change
                     prefill, rate = decode_rate(model, batch, args.prompt_len, steps, use_cache)
-                    if rate > best[use_cache][1]:
-                        best[use_cache] = (prefill, rate)
-            ratio = best[True][1] / best[False][1]
-            for use_cache in (True, False):
-                prefill, rate = best[use_cache]
-                print(f"| {name} | {batch} | {'latent' if use_cache else 'none'} | "
-                      f"{prefill:.2f} | {rate:.1f} | {f'{ratio:.1f}x' if use_cache else ''} |")
+                    best[i] = max(best[i], (prefill, rate), key=lambda r: r[1])
+            for (layout, use_cache, _), (prefill, rate) in zip(variants, best, strict=True):
+                print(f"| {name} | {batch} | {layout} | {'latent' if use_cache else 'none'} | "
+                      f"{prefill:.2f} | {rate:.1f} | {rate / best[0][1]:.2f}x |")
     print()
     for name in args.dtypes:
         latent, kv = cache_bytes(model, DTYPES[name])
