@@ -75,10 +75,8 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     cache = model.new_cache(batch, total) if use_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    start = 0
+    start = 0  # first token to feed: all of them without a cache, the newest with one
     for end in range(prompt_len, total):
-        if cache is None:
-            start = 0
         window = slice(start, end)
         logits = model(ids[:, window], cache=cache, positions=positions[:, window],
                        attention_mask=None if full_mask is None else full_mask[:, window],
@@ -92,14 +90,15 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
             streamer(token)
         if eos_id is not None and bool(finished.all()):
             return ids[:, :end + 1]
-        start = end
+        if cache is not None:
+            start = end
     return ids
 
 
 @torch.no_grad()
 def decoding_layout(model: DeepSeekMini) -> DeepSeekMini:
-    """Store every Linear weight (the tied embedding too) transposed in memory; values,
-    shapes and results are unchanged, and so is the model's behaviour everywhere else.
+    """Store every Linear weight (the tied embedding too) transposed in memory. Values and
+    shapes are unchanged; results differ only by the order of float additions.
 
     Decoding is matrix-vector products, bounded by reading the weights once. On the CPU,
     MKL streams ``x @ W`` with ``W`` stored [in, out] about 1.4x faster than it does
