@@ -5,10 +5,11 @@
 An estimate, not a measurement of a GPU: the terms are
 - parameters, gradients and AdamW's two moments, all fp32 (precision.py keeps master
   weights fp32 in every mode): 16 bytes per parameter;
-- what autograd keeps from forward to backward — activations and the 16-bit weight copies
-  autocast makes — measured here with ``saved_tensors_hooks`` on a one- and a two-layer
-  model at the config's widths, under the same autocast on the CPU; the difference is one
-  layer's share, scaled to the config's layers and tokens;
+- what autograd keeps from forward to backward — the 16-bit weight copies autocast makes
+  and the activations — measured here with ``saved_tensors_hooks`` on one- and two-layer
+  models at the config's widths and sequence length, under the same autocast on the CPU:
+  the difference is one layer's share, taken at one and at two sequences to split what
+  grows with the batch from what does not, then scaled to the config;
 - the LM head's cross-entropy: the fp32 weight gradient it holds from forward to backward
   and one chunk's logits and gradient (cross_entropy.py);
 - ``--overhead-gb`` for the CUDA context, cuBLAS workspaces and allocator slack.
@@ -29,18 +30,18 @@ from deepseek_mini.cross_entropy import CHUNK_ROWS
 from deepseek_mini.sizes import total_params
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-PROBE_TOKENS = 128  # one sequence: saved tensors grow linearly with tokens at a fixed T
 
 
-def saved_bytes(cfg: Config, layers: int, dtype: torch.dtype) -> int:
+def saved_bytes(cfg: Config, layers: int, sequences: int, dtype: torch.dtype) -> int:
     """Bytes of distinct storages, other than the parameters', that autograd saves in one
-    forward of a ``layers``-deep copy of the model (small vocabulary: it cancels out)."""
+    forward of a ``layers``-deep copy of the model over ``sequences`` of the config's
+    length (small vocabulary: it cancels out)."""
     probe = Config.from_dict({"model": {**dataclasses.asdict(cfg.model), "num_layers": layers,
                                         "vocab_size": 512}}).model
     torch.manual_seed(0)
     model = DeepSeekMini(probe)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    ids = torch.randint(0, probe.vocab_size, (1, PROBE_TOKENS + 1))
+    ids = torch.randint(0, probe.vocab_size, (sequences, cfg.data.seq_len + 1))
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -58,15 +59,22 @@ def saved_bytes(cfg: Config, layers: int, dtype: torch.dtype) -> int:
 def estimate(cfg: Config, precision: str, overhead_gb: float) -> dict[str, float]:
     dtype = DTYPES[precision]
     m = cfg.model
-    per_layer = saved_bytes(cfg, 2, dtype) - saved_bytes(cfg, 1, dtype)
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    # One layer's share at one and at two sequences: what does not grow with the batch
+    # (autocast's 16-bit weight copies) and what does (activations).
+    one_seq, two_seq = (saved_bytes(cfg, 2, n, dtype) - saved_bytes(cfg, 1, n, dtype)
+                        for n in (1, 2))
+    per_sequence = two_seq - one_seq
+    fixed = one_seq - per_sequence
+    sequences = cfg.train.micro_batch_size
+    tokens = sequences * cfg.data.seq_len
     head_grad = m.vocab_size * m.hidden_size * 4
     chunk = 2 * min(CHUNK_ROWS, tokens) * m.vocab_size * 4
     gb = 1e9
     parts = {
         "parameters + grads + AdamW (fp32)": 16 * total_params(m) / gb,
-        f"saved for backward ({m.num_layers} layers)":
-            m.num_layers * per_layer * tokens / PROBE_TOKENS / gb,
+        "16-bit weight copies kept for backward": m.num_layers * fixed / gb,
+        f"activations kept for backward ({m.num_layers} layers)":
+            m.num_layers * per_sequence * sequences / gb,
         "LM head: weight grad + one CE chunk": (head_grad + chunk) / gb,
         "context, workspaces, allocator slack": overhead_gb,
     }
