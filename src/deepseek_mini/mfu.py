@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: the share of the hardware's matmul peak that training uses.
 
 The peak is measured, not looked up: a square matmul in the run's compute dtype, timed
-for a fraction of a second at start-up. On a CPU that is the only honest figure (it
+for half a second at start-up, best run kept. On a CPU that is the only honest figure (it
 depends on the core count, the vector units and how busy the machine is); on a GPU it is
 the achievable dense peak, somewhat under the datasheet's.
 """
@@ -21,7 +21,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype,
-                        seconds: float = 0.3) -> float:
+                        seconds: float = 0.5) -> float:
     """FLOP/s of the fastest of ``n × n`` matmuls run back to back for about ``seconds``:
     the best run, not the mean, so a neighbour's burst on a shared machine does not pass
     for the hardware's peak."""

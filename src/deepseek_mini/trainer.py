@@ -349,6 +349,9 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
              f"({cfg.train.grad_accum_steps} micro batches of {cfg.train.micro_batch_size})")
     log.info(f"MFU against a measured peak of {format_flops(peak)} "
              f"({run.precision.name} {peak_source(run.precision)})")
+    if ckpt is None and cfg.train.warm_start is not None:
+        log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
+                 "and data order start fresh")
     if ckpt is not None:
         changed = [d for section in ("data", "train")
                    for d in config_differences(ckpt["config"].get(section, {}),
