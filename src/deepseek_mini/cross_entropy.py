@@ -30,13 +30,18 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         rows = slice(start, start + chunk_rows)
         h, t, keep = hidden[rows], safe_targets[rows, None], valid[rows, None]
         logits = (h @ weight.T).float()
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        total += ((lse - logits.gather(1, t)) * keep).sum()
+        picked = logits.gather(1, t)
+        # log-sum-exp by hand, in the logits' own memory: four passes where
+        # torch.logsumexp and a second exp took seven, with temporaries (~40% less here).
+        peak = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(peak).exp_()
+        norm = exp.sum(dim=-1, keepdim=True)
+        total += ((norm.log() + peak - picked) * keep).sum()
         if not want_grad:
             continue
-        # d(ce)/d(logits) = softmax - one_hot on valid rows, built in the logits' memory.
-        grad = logits.sub_(lse).exp_()
-        grad.scatter_add_(1, t, torch.full_like(lse, -1.0)).mul_(keep)
+        # d(ce)/d(logits) = softmax - one_hot on valid rows.
+        grad = exp.div_(norm)
+        grad.scatter_add_(1, t, torch.full_like(norm, -1.0)).mul_(keep)
         grad = grad.to(weight.dtype)
         grad_hidden[rows] = grad @ weight
         if low_precision:  # autocast lowers the product; the in-place GEMM would not
