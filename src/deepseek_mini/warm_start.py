@@ -20,7 +20,8 @@ feed-forwards. What carries over:
   scaled by ``1 - alpha``; routing weights are renormalised to sum to 1 over the chosen
   k, so the layer's output equals the MLP for any routing. SwiGLU experts are exact; GELU
   experts replace ``silu(gate x) * (up x)`` by ``c * gelu(gate x)``, with ``c`` the
-  least-squares fit for Gaussian inputs (an approximation). Routed experts get small noise
+  least-squares fit for Gaussian inputs: a rough approximation (BENCHMARKS.md measures how
+  rough: the reference config starts worse than random). Routed experts get small noise
   (1% of each tensor's std) so they can diverge, unless the whole mapping is exact.
 * Router: random (the model's own init). Its output does not change the layer at step 0
   because the routed experts are equal.
