@@ -1,9 +1,12 @@
 """Model FLOPs utilisation: the share of the hardware's matmul peak that training uses.
 
-The peak is measured, not looked up: a square matmul in the run's compute dtype, timed
-for half a second at start-up, best run kept. On a CPU that is the only honest figure (it
-depends on the core count, the vector units and how busy the machine is); on a GPU it is
-the achievable dense peak, somewhat under the datasheet's.
+The peak is measured, not looked up: a square ``F.linear`` (the kernel the model's
+layers call) in the run's compute dtype, timed for half a second at start-up, best run
+kept; on a CPU without bf16 instructions ``torch.mm`` in bf16 takes a ten times slower
+path than ``F.linear``, so the product the model actually runs is the one to time. On a
+CPU that is the only honest figure (it depends on the core count, the vector units and
+how busy the machine is: on a shared machine MFU is against what it gave at start-up);
+on a GPU it is the achievable dense peak, somewhat under the datasheet's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import time
 
 import torch
+from torch.nn import functional as F
 
 
 def _sync(device: torch.device) -> None:
@@ -22,18 +26,18 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype,
                         seconds: float = 0.5) -> float:
-    """FLOP/s of the fastest of ``n × n`` matmuls run back to back for about ``seconds``:
+    """FLOP/s of the fastest of ``n × n`` products run back to back for about ``seconds``:
     the best run, not the mean, so a neighbour's burst on a shared machine does not pass
     for the hardware's peak."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, allocation
+    F.linear(a, b)  # warm-up: kernel selection, allocation
     _sync(device)
     best, deadline = math.inf, time.perf_counter() + seconds
     while True:
         start = time.perf_counter()
-        torch.mm(a, b)
+        F.linear(a, b)
         _sync(device)
         end = time.perf_counter()
         best = min(best, end - start)

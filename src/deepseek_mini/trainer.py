@@ -362,8 +362,8 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
 
 def peak_source(precision: Precision) -> str:
     if precision.device.type == "cuda":
-        return f"matmul on {torch.cuda.get_device_name(precision.device)}"
-    return f"matmul on {torch.get_num_threads()} CPU threads"
+        return f"linear on {torch.cuda.get_device_name(precision.device)}"
+    return f"linear on {torch.get_num_threads()} CPU threads"
 
 
 def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size: int,
