@@ -18,7 +18,7 @@ import tokenizers
 import torch
 
 from deepseek_mini import Config, DeepSeekMini, UserError
-from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.checkpoint import atomic_save, load_checkpoint
 from deepseek_mini.cli import main
 from deepseek_mini.demo_corpus import demo_stories
 from deepseek_mini.optim import build_optimizer, lr_at
@@ -273,6 +273,11 @@ def test_resume_refuses_a_different_model_and_a_missing_checkpoint(data_override
     with pytest.raises(UserError, match=r"model\.num_layers: 2 -> 3.*model\.top_k: 2 -> 1"):
         train(tiny_config(data_overrides, out, "model.num_layers=3", "model.top_k=1"),
               resume=True)
+    weights_only = tmp_path / "weights" / "latest.pt"
+    atomic_save({"model": load_checkpoint(out / "latest.pt")["model"],
+                 "config": result_config(out)}, weights_only)
+    with pytest.raises(UserError, match="holds no training state"):
+        train(tiny_config(data_overrides, weights_only.parent), resume=True)
     with pytest.raises(UserError, match=r"model\.hidden_size: 32 -> 64"):
         train(tiny_config(data_overrides, tmp_path / "warm", "model.hidden_size=64",
                           f"train.warm_start={out / 'latest.pt'}"))

@@ -47,6 +47,8 @@ from .sizes import flops_per_token
 LATEST = "latest.pt"
 BEST = "best.pt"
 MAX_NONFINITE_STREAK = 10
+TRAINING_STATE = {"optimizer", "scheduler", "scaler", "sampler", "rng", "step", "tokens_seen",
+                  "best_val", "elapsed_s", "log_window", "collapse_watch"}
 SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
 SAMPLE_WORDS = "kick, ball, happy"
 SAMPLE_FEATURES = "Dialogue"
@@ -263,6 +265,10 @@ def _resume_checkpoint(cfg: Config, out_dir: Path) -> dict[str, Any]:
         raise UserError(f"--resume: no checkpoint to resume from at {path} "
                         "(train without --resume to start a run)")
     ckpt = load_checkpoint(path)
+    missing = sorted(TRAINING_STATE - set(ckpt))
+    if missing:
+        raise UserError(f"--resume: {path} holds no training state ({', '.join(missing)} "
+                        "missing); to start from its weights use train.warm_start instead")
     _check_model_config(ckpt, cfg, path)
     return ckpt
 
@@ -349,6 +355,9 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
              f"({cfg.train.grad_accum_steps} micro batches of {cfg.train.micro_batch_size})")
     log.info(f"MFU against a measured peak of {format_flops(peak)} "
              f"({run.precision.name} {peak_source(run.precision)})")
+    if ckpt is None and (run.out_dir / LATEST).exists():
+        log.info(f"starting afresh in {run.out_dir}: its {LATEST} will be overwritten "
+                 "(--resume continues it instead)")
     if ckpt is None and cfg.train.warm_start is not None:
         log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
                  "and data order start fresh")
