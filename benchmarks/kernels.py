@@ -10,7 +10,7 @@ shapes (batch 8 × 128 tokens, hidden 576, 8 experts of 1536, vocab 49,152):
 - attention: SDPA with the one KV head broadcast (``enable_gqa``) vs explicit softmax
   over repeated KV heads (forward + backward);
 - AdamW over 60 M parameters: fused vs foreach vs the per-tensor loop;
-- a 1024² matmul in fp32 vs bf16 (why the CPU trains in fp32).
+- a 1024² matmul in fp32 vs bf16, in both layouts (why the CPU trains in fp32).
 
 The equality of each pair is tests/test_fast_paths.py's business; this only times them.
 Each figure is the fastest of ``--repeats`` runs: on a shared machine the minimum is the
@@ -134,11 +134,15 @@ def adamw(repeats: int) -> None:
 
 
 def matmul_dtypes(repeats: int) -> None:
+    """bf16 against fp32 in both layouts the model uses: ``x @ w`` (the grouped expert
+    GEMMs, the LM head) and ``F.linear`` (``x @ w.T``, every nn.Linear); oneDNN's AVX2
+    emulation of bf16 is far slower in the first."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    fp32 = fastest(lambda: a @ b, repeats)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    bf16 = fastest(lambda: a16 @ b16, 1)
-    report("1024^2 matmul", fp32, bf16, "fp32", "bf16")
+    report("1024^2 matmul, x @ w", fastest(lambda: a @ b, repeats),
+           fastest(lambda: a16 @ b16, 1), "fp32", "bf16")
+    report("1024^2 matmul, F.linear", fastest(lambda: F.linear(a, b), repeats),
+           fastest(lambda: F.linear(a16, b16), repeats), "fp32", "bf16")
 
 
 def main() -> None:
