@@ -6,7 +6,9 @@ streamer timestamps every step: the first step is the prefill, the rest are deco
 so ``decode tok/s = batch * (steps - 1) / (time of the last step - time of the first)``.
 Variants (the cache or full recomputation; Linear weights in ``decoding_layout`` or as
 nn.Linear stores them) alternate within one process, best of ``--repeats``, so their
-ratios are fair even on a shared machine whose absolute speed drifts.
+ratios are fair even on a shared machine whose absolute speed drifts; the ``load`` column
+is the 1-minute load average when the reported run started (``--wait-quiet`` waits for a
+low one).
 
     python benchmarks/decode.py --config configs/base.yaml --batch 1 8
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +60,22 @@ def read_bandwidth(gigabytes: float = 0.5) -> float:
     return gigabytes / best
 
 
+def load_average() -> float:
+    """The 1-minute load average (0 where /proc is missing)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def wait_for_quiet(threshold: float | None, give_up_s: float = 3600) -> None:
+    """On a shared machine, hold each measurement until the load average drops below
+    ``threshold`` (other jobs idle), or ``give_up_s`` has passed."""
+    deadline = time.monotonic() + give_up_s
+    while threshold is not None and load_average() >= threshold and time.monotonic() < deadline:
+        time.sleep(2)
+
+
 def set_layout(model: DeepSeekMini, layout: str) -> None:
     """``decoding``: generation.decoding_layout; ``nn.Linear``: every weight contiguous."""
     with torch.no_grad():
@@ -80,6 +99,9 @@ def main() -> None:
                         help="decode steps for dtypes other than fp32 (bf16 is slow on AVX2)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD",
+                        help="start each measurement only once the 1-minute load average is "
+                             "below LOAD (a shared machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,13 +109,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = DeepSeekMini(cfg.model).eval()
     weight_gb = matmul_params_per_token(cfg.model) * 4 / 1e9
+    wait_for_quiet(args.wait_quiet)
     bandwidth = read_bandwidth()
     print(f"config {args.config} {' '.join(args.set)}: {cfg.model.num_layers} layers, "
           f"threads {torch.get_num_threads()}, prompt {args.prompt_len} tokens")
     print(f"fp32 weights read per token at batch 1: {weight_gb:.3f} GB; read bandwidth "
           f"{bandwidth:.1f} GB/s -> at most {bandwidth / weight_gb:.1f} tokens/s")
-    print("| dtype | batch | weights layout | cache | prefill s | decode tok/s | vs first row |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | batch | weights layout | cache | prefill s | decode tok/s | vs first row "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         model.to(DTYPES[name])
         fp32 = name == "fp32"
@@ -104,16 +128,18 @@ def main() -> None:
         if not fp32:  # one layout: bf16 is measured only to show how slow it is here
             variants = [("nn.Linear", True, cached_steps), ("nn.Linear", False, uncached_steps)]
         for batch in args.batch:
-            best = [(0.0, 0.0)] * len(variants)
+            best = [(0.0, 0.0, 0.0)] * len(variants)
             for _ in range(args.repeats if fp32 else 1):
                 for i, (layout, use_cache, steps) in enumerate(variants):
                     set_layout(model, layout)
                     decode_rate(model, batch, 4, 2, True)  # warm-up after the change
+                    wait_for_quiet(args.wait_quiet)
+                    load = load_average()
                     prefill, rate = decode_rate(model, batch, args.prompt_len, steps, use_cache)
-                    best[i] = max(best[i], (prefill, rate), key=lambda r: r[1])
-            for (layout, use_cache, _), (prefill, rate) in zip(variants, best, strict=True):
+                    best[i] = max(best[i], (prefill, rate, load), key=lambda r: r[1])
+            for (layout, use_cache, _), (prefill, rate, load) in zip(variants, best, strict=True):
                 print(f"| {name} | {batch} | {layout} | {'latent' if use_cache else 'none'} | "
-                      f"{prefill:.2f} | {rate:.1f} | {rate / best[0][1]:.2f}x |")
+                      f"{prefill:.2f} | {rate:.1f} | {rate / best[0][1]:.2f}x | {load:.1f} |")
     print()
     for name in args.dtypes:
         latent, kv = cache_bytes(model, DTYPES[name])
