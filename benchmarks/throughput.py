@@ -206,7 +206,7 @@ def summarise(args: argparse.Namespace, results: list[dict], peaks: dict[str, fl
         row += "".join(f"{r['decode_tokens_per_s'].get(b, float('nan')):>15.2f}"
                        for b in _decode_sizes(results))
         memory = r.get("peak_cuda_bytes", r["peak_rss"])
-        row += f"{memory / 2**30:>9.2f} GB"
+        row += f"{memory / 1e9:>9.2f} GB"
         print(row)
     for r in results:
         if "error" not in r:
