@@ -65,7 +65,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; 1 makes self CPU time the work itself")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = list(args.set)
     if args.layers:
         overrides.append(f"model.num_layers={args.layers}")
