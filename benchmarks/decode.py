@@ -4,9 +4,8 @@ weight dtype, and the cache's bytes per token against a K/V cache of the same mo
 Random weights (speed does not depend on them). Each run is one ``generate`` call whose
 streamer timestamps every step: the first step is the prefill, the rest are decode steps,
 so ``decode tok/s = batch * (steps - 1) / (time of the last step - time of the first)``.
-Variants (the cache or full recomputation; Linear weights in ``decoding_layout`` or as
-nn.Linear stores them) alternate within one process, best of ``--repeats``, so their
-ratios are fair even on a shared machine whose absolute speed drifts; the ``load`` column
+Cached and uncached runs alternate within one process, best of ``--repeats``, so their
+ratio is fair even on a shared machine whose absolute speed drifts; the ``load`` column
 is the 1-minute load average when the reported run started (``--wait-quiet`` waits for a
 low one).
 
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from deepseek_mini import Config, DeepSeekMini, generate
-from deepseek_mini.generation import DTYPES, decoding_layout
+from deepseek_mini.generation import DTYPES
 from deepseek_mini.sizes import matmul_params_per_token
 
 
@@ -76,15 +75,6 @@ def wait_for_quiet(threshold: float | None, give_up_s: float = 3600) -> None:
         time.sleep(2)
 
 
-def set_layout(model: DeepSeekMini, layout: str) -> None:
-    """``decoding``: generation.decoding_layout; ``nn.Linear``: every weight contiguous."""
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.contiguous()
-    if layout == "decoding":
-        decoding_layout(model)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/base.yaml")
@@ -115,31 +105,28 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, prompt {args.prompt_len} tokens")
     print(f"fp32 weights read per token at batch 1: {weight_gb:.3f} GB; read bandwidth "
           f"{bandwidth:.1f} GB/s -> at most {bandwidth / weight_gb:.1f} tokens/s")
-    print("| dtype | batch | weights layout | cache | prefill s | decode tok/s | vs first row "
-          "| load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dtype | batch | cache | prefill s | decode tok/s | cached / uncached | load |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         model.to(DTYPES[name])
         fp32 = name == "fp32"
         cached_steps = args.new_tokens if fp32 else args.slow_dtype_tokens
         uncached_steps = args.uncached_tokens if fp32 else args.slow_dtype_tokens
-        variants = [("decoding", True, cached_steps), ("nn.Linear", True, cached_steps),
-                    ("decoding", False, uncached_steps)]
-        if not fp32:  # one layout: bf16 is measured only to show how slow it is here
-            variants = [("nn.Linear", True, cached_steps), ("nn.Linear", False, uncached_steps)]
         for batch in args.batch:
-            best = [(0.0, 0.0, 0.0)] * len(variants)
+            best = {True: (0.0, 0.0, 0.0), False: (0.0, 0.0, 0.0)}
+            decode_rate(model, batch, 4, 2, True)  # warm-up: first-call allocations
             for _ in range(args.repeats if fp32 else 1):
-                for i, (layout, use_cache, steps) in enumerate(variants):
-                    set_layout(model, layout)
-                    decode_rate(model, batch, 4, 2, True)  # warm-up after the change
+                for use_cache, steps in ((True, cached_steps), (False, uncached_steps)):
                     wait_for_quiet(args.wait_quiet)
                     load = load_average()
                     prefill, rate = decode_rate(model, batch, args.prompt_len, steps, use_cache)
-                    best[i] = max(best[i], (prefill, rate, load), key=lambda r: r[1])
-            for (layout, use_cache, _), (prefill, rate, load) in zip(variants, best, strict=True):
-                print(f"| {name} | {batch} | {layout} | {'latent' if use_cache else 'none'} | "
-                      f"{prefill:.2f} | {rate:.1f} | {rate / best[0][1]:.2f}x | {load:.1f} |")
+                    best[use_cache] = max(best[use_cache], (prefill, rate, load),
+                                          key=lambda r: r[1])
+            ratio = f"{best[True][1] / best[False][1]:.1f}x"
+            for use_cache in (True, False):
+                prefill, rate, load = best[use_cache]
+                print(f"| {name} | {batch} | {'latent' if use_cache else 'none'} | "
+                      f"{prefill:.2f} | {rate:.1f} | {ratio if use_cache else ''} | {load:.1f} |")
     print()
     for name in args.dtypes:
         latent, kv = cache_bytes(model, DTYPES[name])

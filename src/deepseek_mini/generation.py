@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import DataConfig
@@ -93,22 +92,6 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
         if cache is not None:
             start = end
     return ids
-
-
-@torch.no_grad()
-def decoding_layout(model: DeepSeekMini) -> DeepSeekMini:
-    """Store every Linear weight (the tied embedding too) transposed in memory. Values and
-    shapes are unchanged; results differ only by the order of float additions.
-
-    Decoding is matrix-vector products, bounded by reading the weights once. On the CPU,
-    MKL streams ``x @ W`` with ``W`` stored [in, out] about 1.4x faster than it does
-    ``F.linear`` with ``W`` stored [out, in] (nn.Linear's layout); the routed experts are
-    already stored [in, out]. Returns the model.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.data = module.weight.data.t().contiguous().t()
-    return model
 
 
 def _check_prompt(model: DeepSeekMini, prompt_ids: torch.Tensor,
@@ -225,12 +208,9 @@ def resolve_device(name: str) -> torch.device:
 
 def load_for_generation(path: str, device: torch.device, dtype: torch.dtype,
                         tokenizer: str | None) -> tuple[DeepSeekMini, Tokenizer]:
-    """The checkpoint's model (eval mode, on ``device`` in ``dtype``, in the decoding layout
-    on the CPU in fp32) and its tokenizer."""
+    """The checkpoint's model (eval mode, on ``device`` in ``dtype``) and its tokenizer."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device=device, dtype=dtype).eval()
-    if device.type == "cpu" and dtype == torch.float32:
-        decoding_layout(model)
     data = ckpt["config"].get("data") or {}
     tok = load_tokenizer(tokenizer or data.get("tokenizer", DataConfig.tokenizer),
                          data.get("cache_dir", DEFAULT_CACHE_DIR), model.config.vocab_size)
