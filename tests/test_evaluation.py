@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from deepseek_mini import Config, DeepSeekMini
+from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import atomic_save
 from deepseek_mini.cli import main
 from deepseek_mini.evaluation import (
     Segment,
     count_bytes,
+    hf_separator,
     read_documents,
     select_segments,
     token_stream,
@@ -182,6 +183,29 @@ def tiny_hf_model(tmp_path_factory, smollm2_tokenizer):
     transformers.PreTrainedTokenizerFast(tokenizer_file=str(smollm2_tokenizer.path),
                                          eos_token="<|endoftext|>").save_pretrained(folder)
     return folder, model
+
+
+def test_hf_separator_is_endoftext_even_when_it_is_also_the_unknown_token(smollm2_tokenizer):
+    """SmolLM2's GGUF tokenizer: <|endoftext|> (id 0) is also unk, <|im_end|> (2) is eos."""
+    transformers = pytest.importorskip("transformers", reason="the --hf-model route needs it")
+    gguf_like = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(smollm2_tokenizer.path), unk_token="<|endoftext|>",
+        eos_token="<|im_end|>")
+    assert gguf_like.unk_token_id == 0 and gguf_like.eos_token_id == 2
+    assert hf_separator(gguf_like, "smollm2") == smollm2_tokenizer.eos_id == 0
+
+
+def test_hf_separator_falls_back_to_the_eos_token():
+    class NoEndOfText:
+        eos_token_id = 7
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"</s>": 7, "a": 8}
+
+    assert hf_separator(NoEndOfText(), "x") == 7
+    NoEndOfText.eos_token_id = None
+    with pytest.raises(UserError, match="nor an end-of-sequence token"):
+        hf_separator(NoEndOfText(), "x")
 
 
 def test_hf_model_scores_the_same_windows(capsys, data_file, tiny_checkpoint, tiny_hf_model,

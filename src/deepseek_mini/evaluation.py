@@ -262,9 +262,13 @@ def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
 
 def hf_separator(tokenizer: Any, spec: str) -> int:
     """``<|endoftext|>`` where the vocabulary has it (SmolLM2's document separator), else
-    the tokenizer's own end-of-sequence token."""
-    sep = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    if sep is None or sep == tokenizer.unk_token_id:
+    the tokenizer's own end-of-sequence token.
+
+    Membership is looked up in the vocabulary: SmolLM2's GGUF tokenizer makes
+    ``<|endoftext|>`` (id 0) its unknown token too, so comparing the id with
+    ``unk_token_id`` would wrongly call it missing."""
+    sep = tokenizer.get_vocab().get(EOS_TOKEN)
+    if sep is None:
         sep = tokenizer.eos_token_id
     if sep is None:
         raise UserError(f"--hf-model {spec}: its tokenizer has neither {EOS_TOKEN} nor an "
