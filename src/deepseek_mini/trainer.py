@@ -8,8 +8,10 @@ prints. Everything a run depends on (weights, optimizer, schedule, scaler, sampl
 position, random generators, log window, counters) is in ``latest.pt``, so ``--resume``
 continues as if the run had never stopped: on CPU in fp32 the losses match bit for bit.
 
-The split of the global batch is by ``rank`` / ``world_size`` and all writing goes
-through the main process, so a distributed launch only has to fill in ``Ranks``.
+Under torchrun (``train.parallel``: ddp or fsdp, distributed.py) each rank takes its
+contiguous share of the same global batch and splits it into micro batches; gradients,
+losses and validation are averaged over ranks, every rank computes and rank 0 alone
+writes, so checkpoints and metrics read as a single process's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config
+from .distributed import Parallel, Ranks, setup
 from .errors import UserError
 from .expert_usage import CollapseWatch, ExpertUsage
 from .mfu import format_flops, measure_matmul_peak
@@ -53,18 +56,6 @@ SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
 SAMPLE_WORDS = "kick, ball, happy"
 SAMPLE_FEATURES = "Dialogue"
 SAMPLE_TOKENS = 100
-
-
-@dataclass
-class Ranks:
-    """This process's place in the run; a single process is rank 0 of 1."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -158,7 +149,7 @@ class Run:
     """Everything the loop mutates, in one place, so saving and restoring it is plain."""
 
     cfg: Config
-    ranks: Ranks
+    parallel: Parallel
     precision: Precision
     model: DeepSeekMini
     train_model: nn.Module
@@ -176,6 +167,10 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
 
     @property
+    def ranks(self) -> Ranks:
+        return self.parallel.ranks
+
+    @property
     def out_dir(self) -> Path:
         return Path(self.cfg.train.out_dir)
 
@@ -183,9 +178,11 @@ class Run:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's contents; under FSDP a collective that fills rank 0's only."""
+        model_state, optim_state = self.parallel.full_state(self.model, self.optimizer)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "sampler": self.sampler.state_dict(),
@@ -200,8 +197,8 @@ class Run:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.parallel.load_full_state(self.model, self.optimizer, ckpt["model"],
+                                      ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -214,28 +211,39 @@ class Run:
         self.watch.load_state_dict(ckpt["collapse_watch"])
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
-          ranks: Ranks | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train as ``cfg`` says; with ``resume``, continue from ``out_dir/latest.pt``.
 
     ``stop_after`` ends this session after that many steps, saving ``latest.pt`` as a
     signal would, without touching the schedule (which still runs to ``max_steps``), so a
-    long run can be trained in slices.
+    long run can be trained in slices. With ``train.parallel`` ddp or fsdp, this is one
+    rank of a torchrun launch.
     """
-    from .data import BatchSampler, prepare_data, val_batches
-
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    ranks = ranks or Ranks()
+    precision = setup_precision(cfg.train)
+    parallel = setup(cfg.train, precision)
+    try:
+        return _train(cfg, resume, stop_after, precision, parallel)
+    finally:
+        parallel.close()
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precision,
+           parallel: Parallel) -> TrainResult:
+    from .data import BatchSampler, prepare_data, val_batches
+
+    ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
     ckpt = _resume_checkpoint(cfg, out_dir) if resume else None
-    precision = setup_precision(cfg.train)
     data = prepare_data(cfg, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
     model = _initial_model(cfg, ckpt).to(precision.device)
-    train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
+    train_model = parallel.wrap(model, precision)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
     optimizer = build_optimizer(model, cfg.train)
-    run = Run(cfg, ranks, precision, model, train_model, optimizer,
+    run = Run(cfg, parallel, precision, model, train_model, optimizer,
               build_scheduler(optimizer, cfg.train),
               BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed),
               LogWindow.zeros(precision.device), CollapseWatch())
@@ -304,16 +312,19 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
     cfg, tcfg = run.cfg, run.cfg.train
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = measure_matmul_peak(run.precision.device, run.precision.dtype)
+    # Every process drives its own device: the run's peak is the sum.
+    peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
     _announce(run, log, ckpt, peak, flops)
     run.window.started = time.perf_counter()
+    stopping = False
     with StopRequest(log) as stop:
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
-        while run.step < end and not stop.requested:
+        while run.step < end and not stopping:
             lr = run.scheduler.get_last_lr()[0]
             batch = run.sampler.next_batch(run.ranks.rank, run.ranks.world_size)
             stats, finite = train_step(run.train_model, run.optimizer, batch,
-                                       tcfg.micro_batch_size, tcfg.grad_clip, run.precision)
+                                       tcfg.micro_batch_size, tcfg.grad_clip, run.precision,
+                                       run.parallel)
             run.scheduler.step()
             run.step += 1
             run.tokens_seen += tokens_per_step
@@ -329,13 +340,13 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
                 improved = _evaluate(run, log, evals)
             if run.step % tcfg.sample_interval == 0 or last:
                 _sample(run, log, tokenizer)
-            save_latest = (run.step % tcfg.save_interval == 0 or run.step == end
-                           or bool(stop.requested))
+            stopping = run.parallel.any(stop.requested is not None)
+            save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
                 _save(run, best=improved, latest=save_latest)
-    if stop.requested:
-        log.info(f"stopped by {stop.requested} at step {run.step}; {LATEST} saved "
-                 "(continue with --resume)")
+    if stopping:
+        log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
+                 f"{run.step}; {LATEST} saved (continue with --resume)")
         return True
     if run.step < tcfg.max_steps:
         log.info(f"paused at step {run.step} of {tcfg.max_steps}; {LATEST} saved "
@@ -350,11 +361,15 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
               flops: int) -> None:
     cfg = run.cfg
     n_params = sum(p.numel() for p in run.model.parameters())
+    world = run.ranks.world_size
+    split = (f"{world} {run.parallel.kind} processes x " if world > 1 else "")
     log.info(f"model: {n_params:,} parameters, {flops:,} train FLOPs/token; "
              f"{run.precision.describe()}; batch {cfg.train.batch_size} x {cfg.data.seq_len} "
-             f"({cfg.train.grad_accum_steps} micro batches of {cfg.train.micro_batch_size})")
+             f"({split}{cfg.train.grad_accum_steps // world} micro batches of "
+             f"{cfg.train.micro_batch_size})")
     log.info(f"MFU against a measured peak of {format_flops(peak)} "
-             f"({run.precision.name} {peak_source(run.precision)})")
+             f"({run.precision.name} {peak_source(run.precision)}"
+             + (f", x {world} processes)" if world > 1 else ")"))
     if ckpt is None and (run.out_dir / LATEST).exists():
         log.info(f"starting afresh in {run.out_dir}: its {LATEST} will be overwritten "
                  "(--resume continues it instead)")
@@ -376,37 +391,45 @@ def peak_source(precision: Precision) -> str:
 
 
 def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size: int,
-                         precision: Precision) -> torch.Tensor:
+                         precision: Precision, parallel: Parallel | None = None
+                         ) -> torch.Tensor:
     """Forward and backward over ``batch`` [rows, seq_len + 1] in micro batches, leaving
     the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z).
 
     The load-balance term is a statistic of whichever batch the router sees, so it is
     computed per micro batch; everything else matches one pass over the whole batch.
+    Under ``parallel``, ``batch`` is this rank's share and the gradients are averaged
+    over ranks after the last micro batch.
     """
+    parallel = parallel or Parallel()
     micro = batch.to(precision.device, non_blocking=True).split(micro_batch_size)
     losses = torch.zeros(5, device=precision.device)
-    for chunk in micro:
-        with precision.autocast():
-            out = model(chunk[:, :-1], targets=chunk[:, 1:])
-        precision.scaler.scale(out.loss / len(micro)).backward()
+    for i, chunk in enumerate(micro):
+        with parallel.gradient_sync(model, last=i == len(micro) - 1):
+            with precision.autocast():
+                out = model(chunk[:, :-1], targets=chunk[:, 1:])
+            precision.scaler.scale(out.loss / len(micro)).backward()
         losses += torch.stack([out.loss, out.ce, out.aux, out.balance_loss,
                                out.z_loss]).detach().float()
     return losses / len(micro)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tensor,
-               micro_batch_size: int, grad_clip: float,
-               precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+               micro_batch_size: int, grad_clip: float, precision: Precision,
+               parallel: Parallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step. Returns the step's (loss, ce, aux, balance, z, grad norm) and
     whether it was finite, both on the device, without waiting for it: a non-finite step
     is skipped by the fused kernel itself and leaves weights and optimizer state as they
-    were."""
-    losses = accumulate_gradients(model, batch, micro_batch_size, precision)
+    were. Under ``parallel`` the losses are the mean over ranks, so every rank logs and
+    skips alike."""
+    parallel = parallel or Parallel()
+    losses = parallel.mean(accumulate_gradients(model, batch, micro_batch_size, precision,
+                                                parallel))
     scaler = precision.scaler
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf,
-                                         foreach=True)
+    grad_norm = parallel.full(nn.utils.clip_grad_norm_(
+        params, grad_clip if grad_clip > 0 else math.inf, foreach=True))
     finite = torch.isfinite(losses[0])
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips on its own when the scaled gradients overflowed
@@ -460,21 +483,30 @@ def _raise_on_streak(run: Run, streak: int) -> None:
 @torch.no_grad()
 def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     """Validation CE over the fixed batches, with expert usage; True when it is the best
-    so far."""
+    so far.
+
+    Ranks take every ``world_size``-th batch and the sums are all-reduced. Under FSDP
+    every forward is a collective, so a rank left without a batch in the last round
+    runs the first one again and discards it.
+    """
     model, device = run.model, run.precision.device
+    rank, world = run.ranks.rank, run.ranks.world_size
     model.eval()
-    ce = torch.zeros((), device=device)
-    counts = entropy = None
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True)
+    cfg = run.cfg.model
+    sums = torch.zeros(1 + cfg.num_layers * (cfg.num_experts + 1), dtype=torch.float64,
+                       device=device)  # ce, expert counts, router entropy
+    for index in range(rank, math.ceil(len(batches) / world) * world, world):
+        batch = batches[index if index < len(batches) else 0].to(device, non_blocking=True)
         with run.precision.autocast():
             out = model(batch[:, :-1], targets=batch[:, 1:])
-        ce += out.ce.float()
-        counts = out.expert_counts if counts is None else counts + out.expert_counts
-        entropy = out.router_entropy if entropy is None else entropy + out.router_entropy
+        if index < len(batches):
+            sums += torch.cat([out.ce.reshape(1), out.expert_counts.flatten(),
+                               out.router_entropy]).double()
     model.train()
-    val_ce = ce.item() / len(batches)
-    usage = ExpertUsage.from_counts(counts, entropy / len(batches))
+    sums = run.parallel.sum(sums).cpu()
+    val_ce = float(sums[0]) / len(batches)
+    counts = sums[1:1 + cfg.num_layers * cfg.num_experts].view(cfg.num_layers, -1)
+    usage = ExpertUsage.from_counts(counts, sums[-cfg.num_layers:] / len(batches))
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce
@@ -493,26 +525,26 @@ def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
     learnt. Greedy draws no random numbers, so it leaves a resumed run's RNG untouched."""
     from .generation import generate, instruct_prompt
 
-    if not run.ranks.is_main:
-        return
     prompt_text = instruct_prompt(SAMPLE_SUMMARY, SAMPLE_WORDS, SAMPLE_FEATURES)
     prompt = torch.tensor([tokenizer.encode(prompt_text)], device=run.precision.device)
     room = min(SAMPLE_TOKENS, run.cfg.model.max_position - prompt.shape[1])
     if room <= 0:
         return
-    run.model.eval()
+    run.model.eval()  # on every rank: under FSDP each forward gathers from all of them
     ids = generate(run.model, prompt, max_new_tokens=room, temperature=0.0,
                    eos_id=tokenizer.eos_id)
     run.model.train()
+    if not run.ranks.is_main:
+        return
     text = tokenizer.decode(ids[0, prompt.shape[1]:].tolist()).split("<|endoftext|>")[0]
     log.info(f"sample at step {run.step} (greedy, after the prompt's Summary: "
              f"{SAMPLE_SUMMARY!r}):{text}")
 
 
 def _save(run: Run, best: bool, latest: bool) -> None:
+    state = run.state_dict()  # on every rank: under FSDP it gathers the shards
     if not run.ranks.is_main:
         return
-    state = run.state_dict()
     if best:
         atomic_save(state, run.out_dir / BEST)
     if latest:

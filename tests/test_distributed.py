@@ -1,0 +1,213 @@
+"""Distributed training on the CPU (gloo, 2 processes): DDP and FSDP2 match a single process
+taking the same global batch in the same micro batches, and checkpoints move between
+world sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli import main
+from deepseek_mini.demo_corpus import demo_stories
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
+ATOL = 1e-5
+# Global batch 4 in micro batches of 1: one process takes rows 0, 1, 2, 3 in turn; with two,
+# rank 0 takes rows 0, 1 and rank 1 rows 2, 3. The router's load-balance loss sees the
+# same rows either way, so the runs agree up to the order of floating-point sums.
+TINY = [
+    "model.hidden_size=64", "model.num_heads=2", "model.kv_compression=2",
+    "model.expert_hidden=64", "model.max_position=64",
+    "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
+    "data.num_workers=1",
+    "train.device=cpu", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=1",
+    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.log_interval=2",
+    "train.eval_interval=4", "train.eval_batches=3", "train.save_interval=4",
+    "train.sample_interval=8",
+]
+needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory) -> list[str]:
+    """A 512-token BPE fitted to the demo corpus and one data cache for the module."""
+    root = tmp_path_factory.mktemp("dist-data")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(demo_stories(300, 0), trainer)
+    tok.save(str(root / "tokenizer.json"))
+    return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
+            f"data.cache_dir={root / 'cache'}"]
+
+
+def train_args(overrides: list[str], out: Path, *extra: str) -> list[str]:
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    for item in [*overrides, f"train.out_dir={out}"]:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def one_process(args: list[str]) -> None:
+    assert main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, tmp_path_factory) -> Path:
+    """The single-process run every distributed run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    one_process(train_args(overrides, out))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(args: list[str], rank: int, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    raise SystemExit(main(args))
+
+
+def two_processes(args: list[str]) -> None:
+    """What torchrun does, in forked children: the test process's imports are reused,
+    which saves each rank seconds of start-up on a busy machine."""
+    ctx = multiprocessing.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(args, rank, 2, port)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+        if proc.is_alive():
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+
+
+def rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isfinite(a):
+        assert b == pytest.approx(a, rel=0, abs=ATOL), where
+    else:
+        assert a == b, where
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """The same metrics rows and, at the end, the same weights (within 1e-5)."""
+    got, want = rows(out), rows(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for row, expected in zip(got, want, strict=True):
+        assert_close(row, expected, f"step {row['step']}")
+    a, b = load_checkpoint(out / "latest.pt"), load_checkpoint(reference / "latest.pt")
+    assert a["step"] == b["step"] and a["sampler"] == b["sampler"]
+    for name, tensor in b["model"].items():
+        torch.testing.assert_close(a["model"][name], tensor, rtol=0, atol=ATOL, msg=name)
+    for index, state in b["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(a["optimizer"]["state"][index][key], value, rtol=0,
+                                       atol=ATOL, msg=f"optimizer {index} {key}")
+
+
+@needs_fork
+def test_ddp_on_two_processes_matches_one_process(overrides, reference, tmp_path):
+    two_processes(train_args(overrides, tmp_path, "--set", "train.parallel=ddp"))
+    assert_same_run(tmp_path, reference)
+    log = (tmp_path / "train.log").read_text()
+    assert "2 ddp processes x 2 micro batches of 1" in log and "sample at step 8" in log
+
+
+def test_fsdp_under_torchrun_matches_one_process(overrides, reference, tmp_path):
+    """The user-facing launch: torchrun starts the ranks and picks the port."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "deepseek_mini",
+           *train_args(overrides, tmp_path, "--set", "train.parallel=fsdp")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(tmp_path, reference)
+    assert "2 fsdp processes" in (tmp_path / "train.log").read_text()
+
+
+@needs_fork
+def test_a_two_process_checkpoint_resumes_in_one_process(overrides, reference, tmp_path):
+    args = train_args(overrides, tmp_path, "--set", "train.parallel=fsdp")
+    two_processes([*args, "--stop-after", "4"])
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 4
+    one_process([*train_args(overrides, tmp_path), "--resume"])
+    assert_same_run(tmp_path, reference)
+
+
+@needs_fork
+def test_a_one_process_checkpoint_resumes_in_two_processes(overrides, reference, tmp_path):
+    one_process([*train_args(overrides, tmp_path), "--stop-after", "4"])
+    two_processes([*train_args(overrides, tmp_path, "--set", "train.parallel=fsdp"),
+                   "--resume"])
+    assert_same_run(tmp_path, reference)
+
+
+@pytest.mark.parametrize("env, extra, message", [
+    ({}, ["train.parallel=ddp"], "train.parallel=ddp needs a torchrun launch"),
+    ({"WORLD_SIZE": "2"}, [], "launched as 2 processes but train.parallel is 'none'"),
+    ({"WORLD_SIZE": "2"}, ["train.parallel=ddp", "train.micro_batch_size=4"],
+     r"train.batch_size \(4\) must be a multiple of train.micro_batch_size x processes"),
+    ({"WORLD_SIZE": "2"}, ["train.parallel=fsdp", "train.precision=fp16"],
+     "fp16 .* not supported with train.parallel=fsdp"),
+])
+def test_launches_that_cannot_work_are_one_error_line(overrides, tmp_path, monkeypatch, capsys,
+                                                      env, extra, message):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    if env:
+        env = {**env, "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = train_args(overrides, tmp_path)
+    for item in extra:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err[0]
