@@ -22,6 +22,7 @@ from torch import nn
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.model import compile_model
 from deepseek_mini.precision import Precision, setup_precision
 from deepseek_mini.sizes import flops_per_token
 
@@ -48,7 +49,7 @@ def build_ours(cfg: Config, name: str = "ours") -> Contender:
 
     precision = setup_precision(cfg.train)
     model = DeepSeekMini(cfg.model).to(precision.device)
-    train_model = torch.compile(model) if cfg.train.compile else model
+    train_model = compile_model(model) if cfg.train.compile else model
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
 

@@ -17,7 +17,7 @@ from .attention import MultiHeadLatentAttention, padded_causal_mask
 from .cache import LatentCache
 from .config import ModelConfig
 from .cross_entropy import linear_cross_entropy
-from .moe import MoE
+from .moe import MoE, exclude_from_compile
 from .norm import RMSNorm
 from .rope import rope_tables
 
@@ -166,3 +166,10 @@ class DeepSeekMini(nn.Module):
         from .checkpoint import load_model
 
         return load_model(path, map_location)
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile(model, **options)``, the grouped expert product left to eager mode
+    (see ``moe.grouped_matmul``)."""
+    exclude_from_compile()
+    return torch.compile(model, **options)

@@ -70,12 +70,12 @@ def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], weight.shape[-1]))
 
 
-@torch.compiler.disable
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e, times ``weight[e]``.
 
-    Kept out of ``torch.compile`` graphs: ``_grouped_mm``'s fake-tensor rule accepts only
-    bf16 (fp32 training on the CPU failed to compile), and the fallback reads the counts.
+    Kept out of ``torch.compile`` graphs (``exclude_from_compile``): ``_grouped_mm``'s
+    fake-tensor rule accepts only bf16 (fp32 training on the CPU failed to compile), and
+    the fallback reads the counts.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -86,6 +86,16 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     # Fallback: one product per expert; reading the counts is the one host sync it needs.
     chunks = x.split(counts.tolist())
     return torch.cat([chunk @ weight[e] for e, chunk in enumerate(chunks)])
+
+
+def exclude_from_compile() -> None:
+    """Make torch.compile leave ``grouped_matmul`` to eager mode. Done when a model is
+    compiled, not by decorating it: ``torch.compiler.disable`` imports torch._dynamo, which
+    would add about 2 s to every command."""
+    global grouped_matmul
+    if not getattr(grouped_matmul, "_excluded_from_compile", False):
+        grouped_matmul = torch.compiler.disable(grouped_matmul)
+        grouped_matmul._excluded_from_compile = True
 
 
 class RoutedExperts(nn.Module):

@@ -41,7 +41,7 @@ from .distributed import Parallel, Ranks, setup
 from .errors import UserError
 from .expert_usage import CollapseWatch, ExpertUsage
 from .mfu import format_flops, measure_matmul_peak
-from .model import DeepSeekMini
+from .model import DeepSeekMini, compile_model
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, setup_precision
 from .runlog import METRICS_FILE, RunLog, continue_metrics
@@ -241,7 +241,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
     model = _initial_model(cfg, ckpt).to(precision.device)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:
-        train_model = torch.compile(train_model)
+        train_model = compile_model(train_model)
     optimizer = build_optimizer(model, cfg.train)
     run = Run(cfg, parallel, precision, model, train_model, optimizer,
               build_scheduler(optimizer, cfg.train),
