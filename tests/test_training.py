@@ -23,7 +23,8 @@ from deepseek_mini.cli import main
 from deepseek_mini.demo_corpus import demo_stories
 from deepseek_mini.optim import build_optimizer, lr_at
 from deepseek_mini.precision import setup_precision
-from deepseek_mini.trainer import accumulate_gradients, train, train_step
+from deepseek_mini.runlog import RunLog
+from deepseek_mini.trainer import StopRequest, accumulate_gradients, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
@@ -364,3 +365,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_130(data_overrides, tmp_path)
     step = load_checkpoint(out / "latest.pt")["step"]
     assert step >= 1
     assert max(r["step"] for r in read_rows(out)) == step  # log_interval 1: every step
+
+
+def test_a_signal_echoed_within_a_second_is_one_request_and_a_later_one_interrupts(tmp_path):
+    """Under torchrun a worker gets Ctrl-C twice at once (terminal + torchrun's copy): that
+    must still save; a second press later means stop now."""
+    stop = StopRequest(RunLog(tmp_path, enabled=False, resume=False, total_steps=1,
+                              start_step=0))
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested == "SIGINT"
+    stop.requested_at -= StopRequest.ECHO_WINDOW_S
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)

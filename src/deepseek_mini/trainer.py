@@ -119,11 +119,17 @@ class LogWindow:
 
 class StopRequest:
     """SIGINT / SIGTERM ask the loop to finish its step, save and stop; a second signal
-    interrupts at once (the checkpoint writes are atomic, so that is safe too)."""
+    interrupts at once (the checkpoint writes are atomic, so that is safe too).
+
+    A second signal within ``ECHO_WINDOW_S`` of the first counts as the same request: under
+    torchrun, Ctrl-C reaches each worker from the terminal and again from torchrun."""
+
+    ECHO_WINDOW_S = 1.0
 
     def __init__(self, log: RunLog) -> None:
         self.log = log
         self.requested: str | None = None
+        self.requested_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -138,8 +144,11 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
+            if time.monotonic() - self.requested_at < self.ECHO_WINDOW_S:
+                return
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        self.requested_at = time.monotonic()
         self.log.info(f"{self.requested}: finishing this step, then saving {LATEST} "
                       "(signal again to stop at once)")
 
