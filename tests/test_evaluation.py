@@ -33,6 +33,16 @@ STORIES = [
 SEQ_LEN = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine each
+    OpenMP barrier may wait for a descheduled thread (a 16-token forward took 0.8 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "stories.txt"
