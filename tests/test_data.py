@@ -119,6 +119,17 @@ def test_hub_source_offline_says_how_to_use_local_files(smollm2_tokenizer, tmp_p
         prepare_data(cfg, progress=False)
 
 
+def test_prepare_offline_is_one_error_line_without_a_progress_bar(smollm2_tokenizer, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["prepare", "--config", str(ROOT / "configs" / "base.yaml"), "--set",
+                 f"data.cache_dir={tmp_path}", "--set",
+                 f"data.tokenizer={smollm2_tokenizer.path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.source 'tinystories-instruct' needs the Hugging Face Hub")
+    assert err.count("\n") == 1 and "tokenizing" not in err
+
+
 def test_hub_source_streams_train_rows_into_records(smollm2_tokenizer, tmp_path, monkeypatch):
     calls = []
 

@@ -215,6 +215,7 @@ def _build(cfg: Config, tok: Tokenizer, identity: dict, directory: Path,
     token files."""
     (directory / "meta.json").unlink(missing_ok=True)
     started = time.perf_counter()
+    docs = documents(cfg)  # before the progress bar: an unreachable source fails here
     split = _SplitWriter(directory, cfg.data.val_fraction, cfg.train.seed)
     total = cfg.data.demo_stories if cfg.data.source == "demo" else None
     if total is not None and cfg.data.max_documents is not None:
@@ -222,7 +223,7 @@ def _build(cfg: Config, tok: Tokenizer, identity: dict, directory: Path,
     bar = tqdm(total=total, unit="doc", desc=f"tokenizing {cfg.data.source}",
                disable=not progress, dynamic_ncols=True)
     with split, bar:
-        for tokens, lengths in _tokenize(documents(cfg), tok, cfg.data.num_workers):
+        for tokens, lengths in _tokenize(docs, tok, cfg.data.num_workers):
             split.add(tokens, lengths)
             bar.update(len(lengths))
             bar.set_postfix(tokens=f"{split.total_tokens:,}", refresh=False)
