@@ -262,6 +262,10 @@ def test_short_validation_split_and_empty_input_are_user_errors(smollm2_tokenize
     with pytest.raises(UserError, match=r"validation split has \d+ tokens, fewer than "
                                         r"data.seq_len \+ 1 = 513"):
         prepare_data(cfg, progress=False)
+    too_long = config(tmp_path, smollm2_tokenizer.path, "data.seq_len=600")
+    with pytest.raises(UserError, match=r"data.seq_len \(600\) exceeds model.max_position "
+                                        r"\(512\)"):
+        prepare_data(too_long, progress=False)
     empty = write(tmp_path / "empty.txt", "\n\n")
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=files", f"data.files=[{empty}]")
     with pytest.raises(UserError, match=r"data.source 'files' yielded no documents"):

@@ -211,3 +211,10 @@ def test_cross_entropy_ignores_masked_targets():
     out = model(ids, targets=targets)
     ref = F.cross_entropy(out.logits[0, 6:], ids[0, 6:])
     torch.testing.assert_close(out.ce, ref)
+
+
+def test_a_sequence_longer_than_max_position_is_a_clear_error():
+    model = seeded_model(max_position=16).eval()
+    model(torch.zeros(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"17 positions exceed model.max_position \(16\)"):
+        model(torch.zeros(1, 17, dtype=torch.long))

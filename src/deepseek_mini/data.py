@@ -54,6 +54,9 @@ class PreparedData:
 def prepare_data(cfg: Config, progress: bool = True) -> PreparedData:
     """The tokenised train / validation split for ``cfg``, from the cache when it is
     current, otherwise rebuilt (under a lock, so parallel ranks build it once)."""
+    if cfg.data.seq_len > cfg.model.max_position:  # the model could not read its windows
+        raise UserError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_position "
+                        f"({cfg.model.max_position}): lower one or raise the other")
     tok = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir, cfg.model.vocab_size)
     if tok.vocab_size > 65536:
         raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens; the uint16 token "

@@ -112,6 +112,9 @@ class DeepSeekMini(nn.Module):
         batch, steps = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
+            if start + steps > self.config.max_position:
+                raise ValueError(f"{start + steps} positions exceed model.max_position "
+                                 f"({self.config.max_position})")
             positions = torch.arange(start, start + steps, device=input_ids.device)
             positions = positions.expand(batch, steps)
         rope_q = self._rope(positions)
