@@ -84,6 +84,17 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2():
         "error: model.top_k (9) must not exceed model.num_experts (8)"]
 
 
+def test_info_and_config_errors_do_not_wait_for_torch():
+    """Reading a config needs no torch (seconds to import): the package loads the model and
+    generate on first use."""
+    code = ("import sys; from deepseek_mini.cli import main; "
+            "main(['info', '--config', 'configs/base.yaml', '--json']); "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.splitlines()[-1] == "False"
+
+
 def test_cli_argument_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["info", "--bogus"])
