@@ -289,6 +289,24 @@ def test_cli_reads_the_prompt_from_stdin(checkpoint, capsys, monkeypatch):
     assert out.startswith("The sun was hot")
 
 
+def test_cli_reads_stdin_bytes_as_utf8_and_refuses_anything_else(checkpoint, capsys,
+                                                                 monkeypatch):
+    def stdin(raw: bytes) -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="surrogateescape")
+
+    monkeypatch.setattr(sys, "stdin", stdin("The café was warm\r\n".encode()))
+    args = ["--checkpoint", str(checkpoint), "--prompt", "-", "--max-new-tokens", "2",
+            "--temperature", "0"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    assert out.startswith("The café was warm") and "\r" not in out
+    monkeypatch.setattr(sys, "stdin", stdin(b"caf\xe9 time\n"))
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert err == ("error: the prompt on stdin is not UTF-8 text (invalid continuation byte "
+                   "at byte 3)\n")
+
+
 def test_cli_caps_new_tokens_at_max_position_with_a_notice(checkpoint, capsys):
     code, out, err = run(capsys, "--checkpoint", str(checkpoint), "--prompt", "word " * 50,
                          "--max-new-tokens", "40", "--temperature", "0")

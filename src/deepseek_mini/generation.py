@@ -175,7 +175,15 @@ def _read_stdin(wait: bool) -> str:
             return ""
         if not ready:
             return ""
-    return sys.stdin.read().removesuffix("\n")
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes underneath (replaced in tests)
+        return sys.stdin.read().removesuffix("\n")
+    try:  # strictly: the locale's surrogate escapes would reach the tokenizer as a TypeError
+        text = raw.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the prompt on stdin is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start})") from None
+    return text.replace("\r\n", "\n").removesuffix("\n")
 
 
 def _read_prompt_file(path: Path) -> list[str]:
