@@ -330,6 +330,8 @@ def test_the_generate_script_runs_as_a_subprocess(checkpoint):
     (["--top-k", "0"], "--top-k must be >= 1"),
     (["--max-new-tokens", "-3"], "--max-new-tokens must be >= 0"),
     (["--prompt", ""], "prompt 1 is empty"),
+    (["--prompt", "ok", "--prompt", "caf\udce9"], "prompt 2 is not UTF-8 text"),  # argv bytes
+    (["--summary", "caf\udce9"], "prompt 1 is not UTF-8 text"),
     (["--prompt", "word " * 80], "tokens long but the model reads at most 64"),
     (["--prompt", "a", "--summary", "b"], "drop --prompt"),
 ])

@@ -150,16 +150,21 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         raise UserError("--summary / --words / --features build the prompt themselves: drop "
                         "--prompt / --prompt-file")
     if instruct:
-        return [instruct_prompt(args.summary, args.words, args.features)]
-    prompts = [_read_stdin(wait=True) if p == "-" else p for p in args.prompt or []]
+        prompts = [instruct_prompt(args.summary, args.words, args.features)]
+    else:
+        prompts = [_read_stdin(wait=True) if p == "-" else p for p in args.prompt or []]
     if args.prompt_file is not None:
         prompts += _read_prompt_file(Path(args.prompt_file))
-    if not given:
+    if not given and not instruct:
         piped = _read_stdin(wait=False)
         prompts = [piped if piped else DEFAULT_PROMPT]
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise UserError(f"prompt {i + 1} is empty")
+        try:  # arguments in another encoding arrive as surrogate escapes
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"prompt {i + 1} is not UTF-8 text") from None
     return prompts
 
 
