@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 import sys
 import time
@@ -378,3 +379,12 @@ def test_a_signal_echoed_within_a_second_is_one_request_and_a_later_one_interrup
     stop.requested_at -= StopRequest.ECHO_WINDOW_S
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+
+
+@pytest.mark.parametrize("content", [b"junk\n", b"", b"PK\x03\x04" + bytes(range(256)) * 4,
+                                     bytes(random.Random(0).randrange(256) for _ in range(4096))])
+def test_a_corrupt_checkpoint_is_a_user_error_whatever_its_bytes(tmp_path, content):
+    path = tmp_path / "latest.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=f"cannot load checkpoint {path}"):
+        load_checkpoint(path)
