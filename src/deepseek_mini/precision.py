@@ -19,13 +19,14 @@ from .errors import UserError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present; asking for CUDA without one is the user's mistake."""
+def resolve_device(name: str, setting: str = "train.device") -> torch.device:
+    """``auto`` is CUDA when present; asking for CUDA without one is the user's mistake,
+    reported against ``setting`` (the config key or command-line flag that asked)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is available "
-                        "(use train.device=cpu or auto)")
+        raise UserError(f"{setting} is 'cuda' but no CUDA device is available "
+                        f"(set {setting} to cpu or auto)")
     return torch.device(name)
 
 
