@@ -17,4 +17,4 @@ echo
 echo "=== a sample from runs/tiny/best.pt ==="
 deepseek-mini generate --checkpoint runs/tiny/best.pt \
   --features Dialogue --words "ball, park, happy" --summary "Tom loses his ball in the park and a friend helps him find it." \
-  --max-new-tokens 160 --temperature 0.7 --top-k 50 --seed 0
+  --max-new-tokens 160 --temperature 0.5 --top-k 50 --seed 0
