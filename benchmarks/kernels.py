@@ -5,6 +5,8 @@ shapes (batch 8 × 128 tokens, hidden 576, 8 experts of 1536, vocab 49,152):
 
 - routed experts: ``torch._grouped_mm`` over tokens sorted by expert vs one matmul per
   expert (forward, and forward + backward);
+- routed experts' backward: each projection's forward and backward timed apart, grouped
+  vs one dense matmul of the same FLOPs (the backward should cost 2x the forward);
 - LM head + cross-entropy: chunked ``linear_cross_entropy`` vs ``F.cross_entropy`` on
   the full logits (forward + backward);
 - attention: SDPA with the one KV head broadcast (``enable_gqa``) vs explicit softmax
@@ -73,6 +75,51 @@ def experts(repeats: int) -> None:
                "grouped_mm", "loop")
     report("experts up-proj, fwd + bwd", fastest(with_backward(grouped), repeats),
            fastest(with_backward(loop), repeats), "grouped_mm", "loop")
+
+
+def forward_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor,
+                     leaves: tuple[torch.Tensor, ...], repeats: int) -> tuple[float, float]:
+    """Fastest forward and fastest backward of ``repeats`` runs, each timed on its own.
+    The leaves' gradients are dropped after each run, so no backward accumulates."""
+    best_forward = best_backward = math.inf
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = forward()
+        middle = time.perf_counter()
+        out.backward(grad)
+        end = time.perf_counter()
+        for leaf in leaves:
+            leaf.grad = None
+        best_forward = min(best_forward, middle - start)
+        best_backward = min(best_backward, end - middle)
+    return best_forward, best_backward
+
+
+def projection_backward(width_in: int, width_out: int, counts: torch.Tensor,
+                        repeats: int) -> None:
+    """One projection of the routed experts, ``width_in`` -> ``width_out``."""
+    slots = int(counts.sum())
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = torch.randn(slots, width_in, requires_grad=True)
+    w = (torch.randn(EXPERTS, width_in, width_out) * 0.02).requires_grad_()
+    dense = w[0].detach().clone().requires_grad_()
+    grad = torch.randn(slots, width_out)
+    timings = {
+        "grouped_mm": forward_backward(lambda: torch._grouped_mm(x, w, offs=offsets), grad,
+                                       (x, w), repeats),
+        "dense mm": forward_backward(lambda: x @ dense, grad, (x, dense), repeats)}
+    for name, (fwd, bwd) in timings.items():
+        print(f"experts {width_in}->{width_out}, {name:<11} forward {fwd * 1e3:6.1f} ms"
+              f"   backward {bwd * 1e3:6.1f} ms   backward/forward {bwd / fwd:4.2f}")
+
+
+def experts_backward(repeats: int) -> None:
+    """Whether the grouped product's backward (grad_x and grad_W, 2x the forward's FLOPs)
+    costs more than 2x its forward, against one dense matmul over the same rows. Buffers
+    are recycled from one repeat to the next here, so no first-touch page faults."""
+    counts = torch.bincount(torch.randint(0, EXPERTS, (TOKENS * TOP_K,)), minlength=EXPERTS)
+    projection_backward(HIDDEN, INNER, counts, repeats)
+    projection_backward(INNER, HIDDEN, counts, repeats)
 
 
 def cross_entropy(repeats: int) -> None:
@@ -155,7 +202,8 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; fastest of {args.repeats}; last column: "
           "how many times slower the plain way is")
     torch.manual_seed(0)
-    for bench in (experts, cross_entropy, attention, adamw, matmul_dtypes):
+    for bench in (experts, experts_backward, cross_entropy, attention, adamw,
+                  matmul_dtypes):
         bench(args.repeats)
 
 
