@@ -15,28 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
+from tiny_run import TIMING_KEYS, TINY_YAML, tiny_overrides
 
 from deepseek_mini.checkpoint import load_checkpoint
 from deepseek_mini.cli import main
-from deepseek_mini.demo_corpus import demo_stories
 
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 512
-TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
 ATOL = 1e-5
 # Global batch 4 in micro batches of 1: one process takes rows 0, 1, 2, 3 in turn; with two,
 # rank 0 takes rows 0, 1 and rank 1 rows 2, 3. The router's load-balance loss sees the
 # same rows either way, so the runs agree up to the order of floating-point sums.
-TINY = [
-    "model.hidden_size=64", "model.num_heads=2", "model.kv_compression=2",
-    "model.expert_hidden=64", "model.max_position=64",
-    "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
-    "data.num_workers=1",
-    "train.device=cpu", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=1",
-    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.log_interval=2",
-    "train.eval_interval=4", "train.eval_batches=3", "train.save_interval=4",
+DISTRIBUTED = [
+    "model.hidden_size=64", "train.micro_batch_size=1", "train.eval_batches=3",
     "train.sample_interval=8",
 ]
 needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork")
@@ -52,22 +42,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def overrides(tmp_path_factory) -> list[str]:
-    """A 512-token BPE fitted to the demo corpus and one data cache for the module."""
-    root = tmp_path_factory.mktemp("dist-data")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(demo_stories(300, 0), trainer)
-    tok.save(str(root / "tokenizer.json"))
-    return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
-            f"data.cache_dir={root / 'cache'}"]
+    """The tiny training setup with the overrides above, and one data cache for the module."""
+    return [*tiny_overrides(tmp_path_factory.mktemp("dist-data")), *DISTRIBUTED]
 
 
 def train_args(overrides: list[str], out: Path, *extra: str) -> list[str]:
-    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    args = ["train", "--config", str(TINY_YAML)]
     for item in [*overrides, f"train.out_dir={out}"]:
         args += ["--set", item]
     return args + list(extra)

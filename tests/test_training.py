@@ -15,31 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
+from tiny_run import TIMING_KEYS, TINY_YAML, VOCAB, tiny_overrides
 
 from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import atomic_save, load_checkpoint
 from deepseek_mini.cli import main
-from deepseek_mini.demo_corpus import demo_stories
 from deepseek_mini.optim import build_optimizer, lr_at
 from deepseek_mini.precision import setup_precision
 from deepseek_mini.runlog import RunLog
 from deepseek_mini.trainer import StopRequest, accumulate_gradients, train, train_step
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
-VOCAB = 512
-TINY = [
-    "model.hidden_size=32", "model.num_heads=2", "model.kv_compression=2",
-    "model.expert_hidden=64", "model.max_position=64",
-    "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
-    "data.num_workers=1",
-    "train.device=cpu", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=2",
-    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.log_interval=2",
-    "train.eval_interval=4", "train.eval_batches=2", "train.save_interval=4",
-    "train.sample_interval=1000",
-]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,25 +39,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data_overrides(tmp_path_factory) -> list[str]:
-    """The tiny setup with a 512-token BPE fitted to the demo corpus, and one data cache for
-    the whole module. SmolLM2's 49,152-token LM head would make each step ~50x dearer and
-    is not what these tests are about."""
-    root = tmp_path_factory.mktemp("train-data")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(demo_stories(300, 0), trainer)
-    assert tok.get_vocab_size() == VOCAB
-    tok.save(str(root / "tokenizer.json"))
-    return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
-            f"data.cache_dir={root / 'cache'}"]
+    """The tiny setup and one data cache for the whole module."""
+    return tiny_overrides(tmp_path_factory.mktemp("train-data"))
 
 
 def tiny_config(data_overrides: list[str], out_dir: Path, *extra: str) -> Config:
-    return Config.from_yaml(ROOT / "configs" / "tiny.yaml",
+    return Config.from_yaml(TINY_YAML,
                             [*data_overrides, f"train.out_dir={out_dir}", *extra])
 
 
@@ -299,7 +271,7 @@ def test_warm_start_loads_the_weights_only(data_overrides, tmp_path):
 
 
 def test_cli_resume_without_checkpoint_is_one_error_line(data_overrides, tmp_path, capsys):
-    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--resume"]
+    args = ["train", "--config", str(TINY_YAML), "--resume"]
     for item in [*data_overrides, f"train.out_dir={tmp_path}"]:
         args += ["--set", item]
     assert main(args) == 2
@@ -315,7 +287,7 @@ def _cli_child(args: list[str]) -> None:
 def _train_process(data_overrides: list[str], out: Path, *extra: str):
     """``deepseek-mini train`` in a forked child: the real command with its signal handling,
     without a fresh interpreter's seconds of imports."""
-    args = ["train", "--config", str(ROOT / "configs" / "tiny.yaml")]
+    args = ["train", "--config", str(TINY_YAML)]
     for item in [*data_overrides, f"train.out_dir={out}", "train.max_steps=100000", *extra]:
         args += ["--set", item]
     proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args,))

@@ -1,0 +1,43 @@
+"""The tiny training setup the training and distributed tests share: a 2-layer model of
+the tiny config's shape on the demo corpus, with a 512-token BPE fitted to that corpus
+(SmolLM2's 49,152-token LM head would make each step ~50x dearer and is not what these
+tests are about)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+
+from deepseek_mini.demo_corpus import demo_stories
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "tiny.yaml"
+VOCAB = 512
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
+TINY = [
+    "model.hidden_size=32", "model.num_heads=2", "model.kv_compression=2",
+    "model.expert_hidden=64", "model.max_position=64",
+    "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
+    "data.num_workers=1",
+    "train.device=cpu", "train.precision=fp32", "train.batch_size=4", "train.micro_batch_size=2",
+    "train.max_steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.log_interval=2",
+    "train.eval_interval=4", "train.eval_batches=2", "train.save_interval=4",
+    "train.sample_interval=1000",
+]
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """``TINY`` plus a BPE of ``VOCAB`` tokens fitted to the demo corpus and a data cache,
+    both under ``root``."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(demo_stories(300, 0), trainer)
+    assert tok.get_vocab_size() == VOCAB
+    tok.save(str(root / "tokenizer.json"))
+    return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
+            f"data.cache_dir={root / 'cache'}"]
