@@ -104,11 +104,7 @@ class Parallel:
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The mean over ranks (gloo has no AVG reduction, hence SUM and a division)."""
-        if not self.distributed:
-            return tensor
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        return tensor / self.ranks.world_size
+        return self.sum(tensor) / self.ranks.world_size
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
