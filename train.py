@@ -2,7 +2,7 @@
 
 import sys
 
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["train", *sys.argv[1:]]))

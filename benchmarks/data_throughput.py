@@ -22,8 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.data import BatchSampler, prepare_data, val_batches  # noqa: E402
-from deepseek_mini.tokenizer import load_tokenizer  # noqa: E402
+from deepseek_mini.data.tokenizer import load_tokenizer  # noqa: E402
+from deepseek_mini.data.tokens import BatchSampler, prepare_data, val_batches  # noqa: E402
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -39,7 +39,7 @@ def bench_prepare(path: Path, workers: int, tokenizer: str) -> Path:
                                       f"data.cache_dir={cache}", f"data.tokenizer={tokenizer}",
                                       f"data.num_workers={workers}"])
         cpu0, wall0 = cpu_seconds(), time.perf_counter()
-        data = prepare_data(cfg, progress=False)
+        data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size, progress=False)
         wall, cpu1 = time.perf_counter() - wall0, cpu_seconds()
         tokens = data.meta["tokens"]["train"] + data.meta["tokens"]["val"]
         docs = data.meta["documents"]["train"] + data.meta["documents"]["val"]
@@ -50,7 +50,7 @@ def bench_prepare(path: Path, workers: int, tokenizer: str) -> Path:
               f"{cpu1[1] - cpu0[1]:.1f}) -> {mb / cpu:.2f} MB per CPU s, "
               f"{tokens / cpu / 1e6:.2f} M tokens per CPU s")
         wall0 = time.perf_counter()
-        prepare_data(cfg, progress=False)
+        prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size, progress=False)
         print(f"  reuse of the cache: {time.perf_counter() - wall0:.3f} s")
     return path
 
@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         cfg = Config.from_yaml(None, ["data.source=files", f"data.files=[{args.data}]",
                                       f"data.cache_dir={cache}", f"data.tokenizer={tokenizer}"])
-        train = prepare_data(cfg, progress=False).train
+        train = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size, progress=False).train
         for seq_len, batch_size in ((128, 8), (128, 64), (512, 32), (2048, 8)):
             bench_batches(train, seq_len, batch_size, args.steps)
         val_batches(train, 128, 64, 20)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from deepseek_mini import Config, DeepSeekMini, generate
-from deepseek_mini.generation import DTYPES
-from deepseek_mini.sizes import matmul_params_per_token
+from deepseek_mini.model.sizes import matmul_params_per_token
+from deepseek_mini.train.precision import DTYPES
 
 
 def decode_rate(model: DeepSeekMini, batch: int, prompt_len: int, new_tokens: int,

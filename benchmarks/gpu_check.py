@@ -25,20 +25,18 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.generation import generate  # noqa: E402
-from deepseek_mini.mfu import format_flops, measure_matmul_peak  # noqa: E402
-from deepseek_mini.moe import _grouped_mm_works, grouped_matmul  # noqa: E402
+from deepseek_mini.inference.generate import generate  # noqa: E402
+from deepseek_mini.model.moe import _grouped_mm_works, grouped_matmul  # noqa: E402
+from deepseek_mini.train.mfu import format_flops, measure_matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 A10G_BYTES = 24 * 10**9
@@ -48,7 +46,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_tf32(cfg: Config) -> dict:
-    from deepseek_mini.precision import setup_precision
+    from deepseek_mini.train.precision import setup_precision
 
     setup_precision(cfg.train)
     return {"train.tf32": cfg.train.tf32,
@@ -118,7 +116,7 @@ def check_grouped_mm(device: torch.device) -> dict:
 
 
 def check_training(cfg: Config, steps: int, peak: float) -> dict:
-    from contenders import build_ours
+    from helpers.contenders import build_ours
 
     device = torch.device(cfg.train.device)
     if device.type == "cuda":

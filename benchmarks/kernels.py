@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from deepseek_mini.cross_entropy import linear_cross_entropy
+from deepseek_mini.model.loss import linear_cross_entropy
 
 TOKENS, HIDDEN, EXPERTS, INNER, VOCAB, TOP_K = 1024, 576, 8, 1536, 49152, 2
 HEADS, HEAD_DIM, SEQ = 8, 72, 128

@@ -26,8 +26,8 @@ import dataclasses
 import torch
 
 from deepseek_mini import Config, DeepSeekMini
-from deepseek_mini.cross_entropy import CHUNK_ROWS
-from deepseek_mini.sizes import total_params
+from deepseek_mini.model.loss import CHUNK_ROWS
+from deepseek_mini.model.sizes import total_params
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
-from deepseek_mini import model as model_module  # noqa: E402
 from deepseek_mini.config import TrainConfig  # noqa: E402
-from deepseek_mini.optim import build_optimizer  # noqa: E402
+from deepseek_mini.model import transformer as model_module  # noqa: E402
+from deepseek_mini.train.optim import build_optimizer  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
          "moe.router": "router"}

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.mfu import format_flops, measure_matmul_peak  # noqa: E402
-from deepseek_mini.precision import resolve_device  # noqa: E402
+from deepseek_mini.train.mfu import format_flops, measure_matmul_peak  # noqa: E402
+from deepseek_mini.train.precision import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # contender -> the config overrides that make it, on top of the run's own
@@ -112,7 +111,7 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Build one contender, time it, and report; runs in its own process."""
-    from contenders import build_hf, build_ours, build_plain
+    from helpers.contenders import build_hf, build_ours, build_plain
 
     name = args.worker
     if args.threads:

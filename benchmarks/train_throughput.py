@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.mfu import measure_matmul_peak  # noqa: E402
-from deepseek_mini.sizes import flops_per_token  # noqa: E402
-from deepseek_mini.trainer import train  # noqa: E402
+from deepseek_mini.model.sizes import flops_per_token  # noqa: E402
+from deepseek_mini.train.loop import train  # noqa: E402
+from deepseek_mini.train.mfu import measure_matmul_peak  # noqa: E402
 
 
 def main() -> None:

@@ -38,11 +38,10 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
-from deepseek_mini.checkpoint import load_model  # noqa: E402
-from deepseek_mini.precision import resolve_device  # noqa: E402
-from deepseek_mini.smollm2 import load_smollm2  # noqa: E402
-from deepseek_mini.tokenizer import EOS_TOKEN, load_tokenizer  # noqa: E402
-from deepseek_mini.warm_start import warm_start  # noqa: E402
+from deepseek_mini.data.tokenizer import EOS_TOKEN, load_tokenizer  # noqa: E402
+from deepseek_mini.interop.smollm2 import load_smollm2  # noqa: E402
+from deepseek_mini.interop.warm_start import warm_start  # noqa: E402
+from deepseek_mini.train.precision import resolve_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # row name -> (config, train.warm_start, overrides); the default rows, then ablations that
@@ -104,7 +103,7 @@ def score_smollm2(source: str | None, windows: torch.Tensor, batch: int,
     """SmolLM2 through transformers' own Llama (dequantising the GGUF itself)."""
     from transformers import AutoModelForCausalLM
 
-    from deepseek_mini.assets import smollm2_gguf_path
+    from deepseek_mini.data.assets import smollm2_gguf_path
 
     path = Path(source) if source else smollm2_gguf_path()
     if path is None:
@@ -187,10 +186,10 @@ def main() -> None:
         del model
         gc.collect()
         if args.steps:
-            from deepseek_mini.trainer import train
+            from deepseek_mini.train.loop import train
 
             train(cfg)
-            trained = load_model(Path(cfg.train.out_dir) / "latest.pt")
+            trained = DeepSeekMini.from_checkpoint(Path(cfg.train.out_dir) / "latest.pt")
             results[name]["trained"] = score_model(trained, windows, args.eval_batch, device)
             del trained
             gc.collect()

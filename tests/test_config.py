@@ -9,14 +9,14 @@ import sys
 import pytest
 
 from deepseek_mini import Config
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 from deepseek_mini.config import ConfigError
 
 
 def test_defaults_are_the_reference_model():
     cfg = Config.from_yaml()
     assert cfg.model == Config.from_yaml("configs/base.yaml").model
-    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.latent_size) == (576, 30, 72)
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.kv_latent_dim) == (576, 30, 72)
     assert cfg.train.betas == [0.9, 0.95]
     assert cfg.train.grad_accum_steps == 1
 
@@ -42,7 +42,9 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.hidden_size=100", "model.hidden_size (100) must be divisible by model.num_heads (8)"),
     ("model.num_kv_heads=3", "model.num_heads (8) must be divisible by model.num_kv_heads (3)"),
-    ("model.kv_compression=7", "model.kv_compression (7.0) must divide model.hidden_size"),
+    ("model.kv_latent_dim=0", "model.kv_latent_dim must be positive, got 0"),
+    ("model.kv_compression=8", "'model.kv_compression' is no longer a key: write "
+                               "model.kv_latent_dim"),
     ("model.top_k=9", "model.top_k (9) must not exceed model.num_experts (8)"),
     ("model.expert_activation=relu", "model.expert_activation must be one of gelu, swiglu"),
     ("model.bogus=1", "unknown key 'model.bogus'"),
@@ -87,7 +89,7 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2():
 def test_info_and_config_errors_do_not_wait_for_torch():
     """Reading a config needs no torch (seconds to import): the package loads the model and
     generate on first use."""
-    code = ("import sys; from deepseek_mini.cli import main; "
+    code = ("import sys; from deepseek_mini.cli.main import main; "
             "main(['info', '--config', 'configs/base.yaml', '--json']); "
             "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

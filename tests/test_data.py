@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_mini import Config, sources
-from deepseek_mini import data as data_module
-from deepseek_mini.cli import main
-from deepseek_mini.data import BatchSampler, prepare_data, val_batches
-from deepseek_mini.demo_corpus import demo_stories
+from deepseek_mini import Config
+from deepseek_mini.cli.main import main
+from deepseek_mini.data import sources
+from deepseek_mini.data import tokens as data_module
+from deepseek_mini.data.demo_corpus import demo_stories
+from deepseek_mini.data.sources import read_file, reassemble_records, resolve_files
+from deepseek_mini.data.tokens import BatchSampler, prepare_data, val_batches
 from deepseek_mini.errors import UserError
-from deepseek_mini.sources import read_file, reassemble_records, resolve_files
 
 ROOT = Path(__file__).resolve().parents[1]
 STORY_A = "Once upon a time, there was a cat.\nThe cat was happy."
@@ -33,6 +34,11 @@ def config(tmp_path: Path, tok_path: Path, *overrides: str) -> Config:
     return Config.from_yaml(ROOT / "configs" / "tiny.yaml", [
         f"data.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={tok_path}",
         "data.seq_len=32", "data.num_workers=1", *overrides])
+
+
+def prepare(cfg: Config):
+    return prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size, cfg.model.max_position,
+                        progress=False)
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -116,7 +122,7 @@ def test_hub_source_offline_says_how_to_use_local_files(smollm2_tokenizer, tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=tinystories-instruct")
     with pytest.raises(UserError, match=r"not reachable.*data.source: files.*data.files"):
-        prepare_data(cfg, progress=False)
+        prepare(cfg)
 
 
 def test_prepare_offline_is_one_error_line_without_a_progress_bar(smollm2_tokenizer, tmp_path,
@@ -142,7 +148,7 @@ def test_hub_source_streams_train_rows_into_records(smollm2_tokenizer, tmp_path,
     monkeypatch.setattr(sources, "hub_reachable", lambda: True)
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=tinystories-instruct",
                  "data.val_fraction=0", "data.seq_len=8")
-    prepared = prepare_data(cfg, progress=False)
+    prepared = prepare(cfg)
     assert calls == [("roneneldan/TinyStoriesInstruct", "train", True)]
     assert smollm2_tokenizer.decode(prepared.train.tolist()) == (
         f"{INSTRUCT}<|endoftext|>Story: Two.<|endoftext|>")
@@ -177,7 +183,7 @@ def test_demo_records_keep_their_promises():
 def test_prepare_demo_splits_documents_and_ends_each_with_eos(smollm2_tokenizer, tmp_path):
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.demo_stories=120",
                  "data.val_fraction=0.1")
-    prepared = prepare_data(cfg, progress=False)
+    prepared = prepare(cfg)
     meta, eos = prepared.meta, smollm2_tokenizer.eos_id
     assert meta["documents"]["train"] + meta["documents"]["val"] == 120
     assert meta["documents"]["val"] >= 1
@@ -191,10 +197,9 @@ def test_prepare_demo_splits_documents_and_ends_each_with_eos(smollm2_tokenizer,
 
 
 def test_worker_processes_give_the_same_tokens(smollm2_tokenizer, tmp_path):
-    one = prepare_data(config(tmp_path / "a", smollm2_tokenizer.path, "data.demo_stories=300"),
-                       progress=False)
-    two = prepare_data(config(tmp_path / "b", smollm2_tokenizer.path, "data.demo_stories=300",
-                              "data.num_workers=2"), progress=False)
+    one = prepare(config(tmp_path / "a", smollm2_tokenizer.path, "data.demo_stories=300"))
+    two = prepare(config(tmp_path / "b", smollm2_tokenizer.path, "data.demo_stories=300",
+                              "data.num_workers=2"))
     assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
 
 
@@ -203,16 +208,16 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(smollm2_tokenizer, tmp
     path = write(tmp_path / "stories.txt", f"{STORY_A}\n<|endoftext|>\n" * 40)
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=files",
                  f"data.files=[{path}]", "data.seq_len=8", "data.val_fraction=0.2")
-    first = prepare_data(cfg, progress=False)
+    first = prepare(cfg)
     builds = []
     real_build = data_module._build
     monkeypatch.setattr(data_module, "_build", lambda *a: builds.append(1) or real_build(*a))
-    again = prepare_data(cfg, progress=False)
+    again = prepare(cfg)
     assert builds == [] and again.path == first.path and again.meta == first.meta
 
     write(path, f"{STORY_B}\n<|endoftext|>\n" * 50)
     os.utime(path, ns=(1, 1))
-    rebuilt = prepare_data(cfg, progress=False)
+    rebuilt = prepare(cfg)
     assert builds == [1] and rebuilt.path == first.path
     assert rebuilt.meta["documents"]["train"] + rebuilt.meta["documents"]["val"] == 50
     assert "rebuilding the token cache" in capsys.readouterr().err
@@ -222,27 +227,26 @@ def test_another_tokenizer_gets_its_own_cache(smollm2_tokenizer, tmp_path):
     other = tmp_path / "other" / "tokenizer.json"
     other.parent.mkdir()
     other.write_text(smollm2_tokenizer.path.read_text(encoding="utf-8") + "\n", encoding="utf-8")
-    a = prepare_data(config(tmp_path, smollm2_tokenizer.path, "data.demo_stories=40"),
-                     progress=False)
-    b = prepare_data(config(tmp_path, other, "data.demo_stories=40"), progress=False)
+    a = prepare(config(tmp_path, smollm2_tokenizer.path, "data.demo_stories=40"))
+    b = prepare(config(tmp_path, other, "data.demo_stories=40"))
     assert a.path != b.path
     assert b.meta["tokenizer"]["sha256"] != a.meta["tokenizer"]["sha256"]
 
 
 def test_a_damaged_cache_is_rebuilt_not_trusted(smollm2_tokenizer, tmp_path):
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.demo_stories=40")
-    first = prepare_data(cfg, progress=False)
+    first = prepare(cfg)
     expected = np.array(first.train)
     with open(first.path / "train.bin", "r+b") as f:
         f.truncate(10)
-    assert np.array_equal(prepare_data(cfg, progress=False).train, expected)
+    assert np.array_equal(prepare(cfg).train, expected)
 
 
 def test_single_document_is_split_by_tokens(smollm2_tokenizer, tmp_path, capsys):
     path = write(tmp_path / "one.txt", " ".join([STORY_A] * 40))
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=files", f"data.files=[{path}]",
                  "data.val_fraction=0.25")
-    prepared = prepare_data(cfg, progress=False)
+    prepared = prepare(cfg)
     total = len(smollm2_tokenizer.encode(" ".join([STORY_A] * 40))) + 1
     assert len(prepared.train) + len(prepared.val) == total
     assert len(prepared.val) == pytest.approx(0.25 * total, abs=1)
@@ -252,7 +256,7 @@ def test_single_document_is_split_by_tokens(smollm2_tokenizer, tmp_path, capsys)
 def test_validation_split_is_never_empty(smollm2_tokenizer, tmp_path):
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.demo_stories=3",
                  "data.val_fraction=0.001", "data.seq_len=8")
-    assert prepare_data(cfg, progress=False).meta["documents"] == {"train": 2, "val": 1}
+    assert prepare(cfg).meta["documents"] == {"train": 2, "val": 1}
 
 
 def test_short_validation_split_and_empty_input_are_user_errors(smollm2_tokenizer, tmp_path,
@@ -261,15 +265,14 @@ def test_short_validation_split_and_empty_input_are_user_errors(smollm2_tokenize
                  "data.val_fraction=0.001", "data.seq_len=512")
     with pytest.raises(UserError, match=r"validation split has \d+ tokens, fewer than "
                                         r"data.seq_len \+ 1 = 513"):
-        prepare_data(cfg, progress=False)
-    too_long = config(tmp_path, smollm2_tokenizer.path, "data.seq_len=600")
+        prepare(cfg)
     with pytest.raises(UserError, match=r"data.seq_len \(600\) exceeds model.max_position "
                                         r"\(512\)"):
-        prepare_data(too_long, progress=False)
+        prepare(config(tmp_path, smollm2_tokenizer.path, "data.seq_len=600"))
     empty = write(tmp_path / "empty.txt", "\n\n")
     cfg = config(tmp_path, smollm2_tokenizer.path, "data.source=files", f"data.files=[{empty}]")
     with pytest.raises(UserError, match=r"data.source 'files' yielded no documents"):
-        prepare_data(cfg, progress=False)
+        prepare(cfg)
     assert "empty.txt holds no text; skipped" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ import torch
 from tiny_run import TIMING_KEYS, TINY_YAML, tiny_overrides
 
 from deepseek_mini.checkpoint import load_checkpoint
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 
 ATOL = 1e-5
 # Global batch 4 in micro batches of 1: one process takes rows 0, 1, 2, 3 in turn; with two,
@@ -30,14 +30,6 @@ DISTRIBUTED = [
     "train.sample_interval=8",
 ]
 needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

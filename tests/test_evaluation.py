@@ -12,8 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini, UserError
-from deepseek_mini.checkpoint import atomic_save
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 from deepseek_mini.evaluation import (
     Segment,
     count_bytes,
@@ -23,6 +22,7 @@ from deepseek_mini.evaluation import (
     token_stream,
     window_batches,
 )
+from deepseek_mini.files import atomic_save
 
 STORIES = [
     "Once upon a time, there was a little cat named Tom. Tom liked to play in the sun.",
@@ -31,16 +31,6 @@ STORIES = [
     "Ben had a toy car. He gave it to Sue. Sue was happy, and they played all day. ✨",
 ]
 SEQ_LEN = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine each
-    OpenMP barrier may wait for a descheduled thread (a 16-token forward took 0.8 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def data_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, smollm2_tokenizer):
     cfg = Config.from_yaml("configs/tiny.yaml", overrides=[
-        "model.hidden_size=32", "model.num_heads=2", "model.kv_compression=2",
+        "model.hidden_size=32", "model.num_heads=2", "model.kv_latent_dim=16",
         "model.expert_hidden=32", "model.max_position=64", f"data.seq_len={SEQ_LEN}",
         f"data.tokenizer={smollm2_tokenizer.path}"])
     torch.manual_seed(0)

@@ -6,33 +6,20 @@ per-expert loops, full-logits cross-entropy, uncached decoding), and the pieces 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.plain_model import PlainDeepSeekMini
 from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini
-from deepseek_mini.cross_entropy import linear_cross_entropy
-from deepseek_mini.generation import generate
-from deepseek_mini.model import compile_model
-from deepseek_mini.moe import grouped_matmul
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from plain_model import PlainDeepSeekMini  # noqa: E402
+from deepseek_mini.inference.generate import generate
+from deepseek_mini.model.loss import linear_cross_entropy
+from deepseek_mini.model.moe import grouped_matmul
+from deepseek_mini.model.transformer import compile_model
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared 2-core machine a second OpenMP thread only
-    adds barrier waits (this file runs ~10x faster on one thread when the CPU is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_config(*overrides: str):

@@ -10,36 +10,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_run
 import torch
 
 from deepseek_mini import Config, DeepSeekMini, UserError, generate
-from deepseek_mini.checkpoint import atomic_save
-from deepseek_mini.cli import main
-from deepseek_mini.generation import instruct_prompt
-from deepseek_mini.sampling import next_token, top_k_filter, top_p_filter
-from deepseek_mini.streaming import IncrementalDecoder
+from deepseek_mini.cli.main import main
+from deepseek_mini.data.instruct import instruct_prompt
+from deepseek_mini.files import atomic_save
+from deepseek_mini.inference.sampling import next_token, top_k_filter, top_p_filter
+from deepseek_mini.inference.streaming import IncrementalDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 INF = float("inf")
 
 
 def small_config(**model) -> Config:
-    overrides = {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                 "num_kv_heads": 1, "kv_compression": 4, "num_experts": 4, "top_k": 2,
-                 "expert_hidden": 96, "max_position": 128}
-    overrides.update(model)
-    return Config.from_yaml("configs/tiny.yaml",
-                            overrides=[f"model.{k}={v}" for k, v in overrides.items()])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine each
-    OpenMP barrier may wait for a descheduled thread: this file runs 3-4x faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """A one-KV-head model with room for 128 positions."""
+    return tiny_run.small_config(**{"vocab_size": 512, "num_kv_heads": 1, "expert_hidden": 96,
+                                    "max_position": 128, **model})
 
 
 @pytest.fixture(scope="module")

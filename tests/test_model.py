@@ -7,33 +7,15 @@ import math
 
 import pytest
 import torch
+from tiny_run import small_config
 from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini
-from deepseek_mini.attention import MultiHeadLatentAttention
-from deepseek_mini.moe import MoE, activate
-from deepseek_mini.norm import RMSNorm
-from deepseek_mini.rope import apply_rope, rope_tables
-from deepseek_mini.sizes import active_params, flops_per_token, total_params
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine each
-    OpenMP barrier may wait for a descheduled thread: this file runs ~2x faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_config(**model):
-    overrides = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                 "num_kv_heads": 2, "kv_compression": 4, "num_experts": 4, "top_k": 2,
-                 "expert_hidden": 48, "max_position": 64}
-    overrides.update(model)
-    return Config.from_yaml("configs/tiny.yaml",
-                            overrides=[f"model.{k}={v}" for k, v in overrides.items()])
+from deepseek_mini.model.attention import MultiHeadLatentAttention
+from deepseek_mini.model.moe import MoE, activate
+from deepseek_mini.model.norm import RMSNorm
+from deepseek_mini.model.rope import apply_rope, rope_tables
+from deepseek_mini.model.sizes import active_params, flops_per_token, total_params
 
 
 def seeded_model(**model) -> DeepSeekMini:
@@ -200,7 +182,7 @@ def test_base_config_sizes():
     assert sum(p.numel() for p in model.parameters()) == total_params(cfg) == 527_704_128
     assert active_params(cfg) == 209_199_168
     assert flops_per_token(cfg, 128) == 1_281_526_272
-    assert cfg.latent_size == 72
+    assert cfg.kv_latent_dim == 72
 
 
 def test_cross_entropy_ignores_masked_targets():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS, EXPERTS = 3, 4

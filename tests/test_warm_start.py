@@ -15,10 +15,9 @@ import torch
 from torch.nn import functional as F
 
 from deepseek_mini import Config
-from deepseek_mini.checkpoint import load_model
-from deepseek_mini.cli import main
+from deepseek_mini.cli.main import main
 from deepseek_mini.errors import UserError
-from deepseek_mini.smollm2 import (
+from deepseek_mini.interop.smollm2 import (
     LlamaGeometry,
     SmolLM2Weights,
     gguf_to_hf_name,
@@ -27,7 +26,8 @@ from deepseek_mini.smollm2 import (
     read_hf_folder,
     unpermute_gguf_rows,
 )
-from deepseek_mini.warm_start import format_table, rope_pair_placement, warm_start
+from deepseek_mini.interop.warm_start import format_table, rope_pair_placement, warm_start
+from deepseek_mini.model.transformer import DeepSeekMini
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # SmolLM2's shape, shrunk: 4 query heads x 16, 2 K/V heads, SwiGLU 96, RoPE base 1e5.
@@ -36,13 +36,13 @@ GEOMETRY = LlamaGeometry(vocab_size=128, hidden_size=64, num_layers=2, num_heads
                          norm_eps=1e-5, tie_embeddings=True)
 # configs/smollm2-moe.yaml resized to GEOMETRY (latent = 64 / 1 = 2 x 2 x 16).
 PRESET = ["model.vocab_size=128", "model.hidden_size=64", "model.num_layers=2",
-          "model.num_heads=4", "model.num_kv_heads=2", "model.kv_compression=1",
+          "model.num_heads=4", "model.num_kv_heads=2", "model.kv_latent_dim=64",
           "model.expert_hidden=96", "model.max_position=64"]
 # What the reference model does to SmolLM2, at this size: another head count and size, one
 # K/V head for query heads that used several, a latent narrower than K and V stacked, GELU
 # experts, RoPE base 1e4.
 REFERENCE = ["model.vocab_size=128", "model.hidden_size=64", "model.num_layers=2",
-             "model.num_heads=8", "model.num_kv_heads=1", "model.kv_compression=8",
+             "model.num_heads=8", "model.num_kv_heads=1", "model.kv_latent_dim=8",
              "model.expert_hidden=96", "model.max_position=64", "model.num_experts=4",
              "model.expert_activation=gelu", "model.rope_theta=10000"]
 
@@ -256,7 +256,7 @@ def test_latent_from_svd_is_exact_when_k_and_v_fit(ids):
             state[name] = (torch.randn(rows, 8, generator=gen)
                            @ torch.randn(8, hidden, generator=gen)) / 8
     weights = SmolLM2Weights(GEOMETRY, state, "low-rank")
-    result = warm_start(preset("model.kv_compression=4"), weights)  # latent 16 < 64 rows
+    result = warm_start(preset("model.kv_latent_dim=16"), weights)  # latent 16 < 64 rows
     assert result.function_preserving, result.approximations
     rows = {r.target: r for r in result.rows}
     assert "truncated SVD" in rows["layers.0.attn.kv_down.weight"].how
@@ -266,7 +266,7 @@ def test_latent_from_svd_is_exact_when_k_and_v_fit(ids):
 
 
 def test_a_lossy_latent_is_reported_and_the_experts_get_noise(weights):
-    result = warm_start(preset("model.kv_compression=4"), weights)  # latent 16 < 64 rows
+    result = warm_start(preset("model.kv_latent_dim=16"), weights)  # latent 16 < 64 rows
     assert not result.function_preserving
     assert len(result.approximations) == 1 and "SVD keeps" in result.approximations[0]
     routed = result.model.layers[0].moe.experts.w_gate
@@ -320,7 +320,7 @@ def test_shapes_that_cannot_map_name_the_key(weights):
 
 
 def test_no_source_available_is_a_user_error(monkeypatch, tmp_path):
-    import deepseek_mini.smollm2 as smollm2
+    import deepseek_mini.interop.smollm2 as smollm2
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(smollm2, "_hub_folder", lambda repo_id: None)
@@ -360,7 +360,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, ids, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "function-preserving: yes" in printed and str(out) in printed
-    model = load_model(out).eval()
+    model = DeepSeekMini.from_checkpoint(out).eval()
     with torch.no_grad():
         ours = model(ids).logits
     assert torch.allclose(ours, llama_reference(state, GEOMETRY, ids), atol=1e-4)

@@ -1,7 +1,8 @@
-"""The tiny training setup the training and distributed tests share: a 2-layer model of
-the tiny config's shape on the demo corpus, with a 512-token BPE fitted to that corpus
-(SmolLM2's 49,152-token LM head would make each step ~50x dearer and is not what these
-tests are about)."""
+"""Small configs the tests share: ``small_config`` for model-level tests, and the tiny
+training setup of the training and distributed tests (a 2-layer model of the tiny
+config's shape on the demo corpus, with a 512-token BPE fitted to that corpus: SmolLM2's
+49,152-token LM head would make each step ~50x dearer and is not what these tests are
+about)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 
 import tokenizers
 
-from deepseek_mini.demo_corpus import demo_stories
+from deepseek_mini import Config
+from deepseek_mini.data.demo_corpus import demo_stories
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
 VOCAB = 512
 TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu"}
 TINY = [
-    "model.hidden_size=32", "model.num_heads=2", "model.kv_compression=2",
+    "model.hidden_size=32", "model.num_heads=2", "model.kv_latent_dim=16",
     "model.expert_hidden=64", "model.max_position=64",
     "data.source=demo", "data.demo_stories=300", "data.seq_len=32", "data.val_fraction=0.05",
     "data.num_workers=1",
@@ -25,6 +27,17 @@ TINY = [
     "train.eval_interval=4", "train.eval_batches=2", "train.save_interval=4",
     "train.sample_interval=1000",
 ]
+
+
+SMALL_MODEL = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+               "num_kv_heads": 2, "kv_latent_dim": 16, "num_experts": 4, "top_k": 2,
+               "expert_hidden": 48, "max_position": 64}
+
+
+def small_config(**model) -> Config:
+    """The tiny config with a 2-layer, 64-wide model; ``model`` overrides its keys."""
+    keys = {**SMALL_MODEL, **model}
+    return Config.from_yaml(TINY_YAML, overrides=[f"model.{k}={v}" for k, v in keys.items()])
 
 
 def tiny_overrides(root: Path) -> list[str]:

@@ -14,13 +14,15 @@ from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .generation import generate
-    from .model import DeepSeekMini, ModelOutput
+    from .inference.generate import generate
+    from .inference.loading import load_for_inference
+    from .model.transformer import DeepSeekMini, ModelOutput
 
-_LAZY = {"DeepSeekMini": "model", "ModelOutput": "model", "generate": "generation"}
+_LAZY = {"DeepSeekMini": "model.transformer", "ModelOutput": "model.transformer",
+         "generate": "inference.generate", "load_for_inference": "inference.loading"}
 
 __all__ = ["Config", "DataConfig", "DeepSeekMini", "ModelConfig", "ModelOutput", "TrainConfig",
-           "UserError", "generate"]
+           "UserError", "generate", "load_for_inference"]
 __version__ = "0.1.0"
 
 

@@ -18,6 +18,11 @@ import yaml
 
 from .errors import UserError
 
+DEFAULT_CACHE_DIR = ".cache/deepseek-mini"
+# Keys that were renamed: the old name is an error that says what to write instead.
+RENAMED = {("model", "kv_compression"): "model.kv_latent_dim (the latent width itself, "
+                                        "hidden_size / kv_compression)"}
+
 
 class ConfigError(UserError):
     """A config file, key or value that cannot be used."""
@@ -30,7 +35,7 @@ class ModelConfig:
     num_layers: int = 30
     num_heads: int = 8
     num_kv_heads: int = 1
-    kv_compression: float = 8
+    kv_latent_dim: int = 72
     rope_theta: float = 10000.0
     max_position: int = 2048
     num_experts: int = 8
@@ -47,14 +52,9 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def latent_size(self) -> int:
-        """Width of the per-token MLA latent: all the KV cache holds."""
-        return round(self.hidden_size / self.kv_compression)
-
     def validate(self) -> None:
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "kv_compression", "rope_theta", "max_position", "num_experts", "top_k",
+                  "kv_latent_dim", "rope_theta", "max_position", "num_experts", "top_k",
                   "expert_hidden", "norm_eps")
         _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef")
         if self.hidden_size % self.num_heads:
@@ -66,11 +66,6 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by "
                               f"model.num_kv_heads ({self.num_kv_heads})")
-        latent = self.hidden_size / self.kv_compression
-        if abs(latent - round(latent)) > 1e-9:
-            raise ConfigError(f"model.kv_compression ({self.kv_compression}) must divide "
-                              f"model.hidden_size ({self.hidden_size}) into a whole latent size, "
-                              f"got {latent:g}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"model.top_k ({self.top_k}) must not exceed model.num_experts "
                               f"({self.num_experts})")
@@ -84,7 +79,7 @@ class DataConfig:
     tokenizer: str = "smollm2"
     seq_len: int = 128
     val_fraction: float = 0.01
-    cache_dir: str = ".cache/deepseek-mini"
+    cache_dir: str = DEFAULT_CACHE_DIR
     demo_stories: int = 20000
     num_workers: int = 2
     max_documents: int | None = None  # stop after this many documents (bounds a Hub download)
@@ -195,10 +190,22 @@ class Config:
 
 
 def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> ModelConfig:
-    """A validated ModelConfig from a plain dict, as stored in a checkpoint."""
+    """A validated ModelConfig from a plain dict, as stored in a checkpoint; a checkpoint
+    written before ``kv_latent_dim`` stored the ratio ``kv_compression``, converted here."""
+    raw = upgrade_model_dict(raw)
     cfg = _build_section("model", ModelConfig, raw, source)
     cfg.validate()
     return cfg
+
+
+def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored model section in today's keys (``kv_compression`` -> ``kv_latent_dim``)."""
+    if "kv_compression" not in raw:
+        return raw
+    raw = dict(raw)
+    ratio = raw.pop("kv_compression")
+    raw.setdefault("kv_latent_dim", round(raw.get("hidden_size", ModelConfig.hidden_size) / ratio))
+    return raw
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -247,6 +254,9 @@ def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
     fields = {f.name for f in dataclasses.fields(kind)}
     values = {}
     for key, value in raw.items():
+        if (name, key) in RENAMED:
+            raise ConfigError(f"{source}: '{name}.{key}' is no longer a key: write "
+                              f"{RENAMED[name, key]} instead")
         if key not in fields:
             raise ConfigError(f"{source}: unknown key '{name}.{key}'")
         values[key] = _coerce(f"{name}.{key}", value, hints[key])

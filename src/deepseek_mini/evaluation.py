@@ -22,11 +22,10 @@ What is scored, precisely:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,20 +33,19 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import DataConfig
+from .data.hub import hub_reachable
+from .data.sources import read_file
+from .data.tokenizer import EOS_TOKEN, Tokenizer
 from .errors import UserError
 from .expert_usage import ExpertUsage
-from .hub import hub_reachable
-from .precision import resolve_device
-from .sources import read_file
-from .tokenizer import DEFAULT_CACHE_DIR, EOS_TOKEN, Tokenizer, load_tokenizer
 
 ENCODE_CHUNK = 256  # documents tokenized per call while filling a --max-tokens budget
 MAX_INVALID_FRACTION = 0.01  # of a file's characters that may be invalid UTF-8 bytes
 
-# inputs [B, T] -> (logits [B, T, V], expert counts [L, E] or None, router entropy [L] or None)
-Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+# (inputs, targets) [B, T] -> (summed NLL, expert counts [L, E] or None, router entropy [L]
+# or None)
+Forward = Callable[[torch.Tensor, torch.Tensor],
+                   tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 EncodeBatch = Callable[[list[str]], list[list[int]]]
 
 
@@ -171,7 +169,49 @@ def window_batches(stream: torch.Tensor, seq_len: int,
         yield stream[full * seq_len:][None]
 
 
+@dataclass
+class Totals:
+    """Sums over scored tokens, on the device until read: negative log-likelihood (nats),
+    token count, and with a deepseek-mini model the tokens each expert received [L, E]
+    and the router entropy summed over tokens [L]."""
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    counts: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    def add(self, nll: torch.Tensor, tokens: int, counts: torch.Tensor | None,
+            entropy: torch.Tensor | None) -> None:
+        self.nll += nll.double()
+        self.tokens += tokens
+        if counts is not None:
+            self.counts = counts.double() if self.counts is None else self.counts + counts
+            weighted = entropy.double() * tokens
+            self.entropy = weighted if self.entropy is None else self.entropy + weighted
+
+    def usage(self) -> ExpertUsage | None:
+        if self.counts is None:
+            return None
+        return ExpertUsage.from_counts(self.counts.cpu(), (self.entropy / self.tokens).cpu())
+
+
 @torch.inference_mode()
+def score(forward: Forward, batches: Iterable[torch.Tensor], device: torch.device,
+          on_batch: Callable[[int], None] | None = None) -> Totals:
+    """Sum what ``forward`` says of each batch [B, T + 1] (inputs ``[:, :-1]``, targets
+    ``[:, 1:]``): the one scorer behind ``eval`` and training's validation."""
+    totals = Totals(torch.zeros((), dtype=torch.float64, device=device),
+                    torch.zeros((), dtype=torch.int64, device=device))
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        targets = batch[:, 1:]
+        nll, counts, entropy = forward(batch[:, :-1], targets)
+        totals.add(nll, targets.numel(), counts, entropy)
+        if on_batch is not None:
+            on_batch(targets.numel())
+    return totals
+
+
 def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: int,
              device: torch.device, n_bytes: int, progress: bool = True) -> EvalResult:
     """Sum the negative log-likelihood of every token of ``stream`` after the first."""
@@ -180,39 +220,30 @@ def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: i
     total = len(stream) - 1
     if total < 1:
         raise UserError("nothing to score: the text is shorter than two tokens")
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    counts = entropy = None
     with tqdm(total=total, unit="tok", desc="eval", file=sys.stderr,
               disable=None if progress else True) as bar:
-        for window in window_batches(stream, seq_len, batch_size):
-            window = window.to(device)
-            inputs, targets = window[:, :-1], window[:, 1:]
-            logits, batch_counts, batch_entropy = forward(inputs)
-            nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                   reduction="sum").double()
-            if batch_counts is not None:
-                weight = targets.numel()
-                counts = batch_counts.double() if counts is None else counts + batch_counts
-                entropy = (batch_entropy.double() * weight if entropy is None
-                           else entropy + batch_entropy * weight)
-            bar.update(targets.numel())
-    usage = None
-    if counts is not None:
-        usage = ExpertUsage.from_counts(counts, entropy / total)
-    return EvalResult(float(nll), total, n_bytes, usage)
+        totals = score(forward, window_batches(stream, seq_len, batch_size), device,
+                       bar.update)
+    return EvalResult(float(totals.nll), total, n_bytes, totals.usage())
 
 
-def deepseek_forward(model: torch.nn.Module) -> Forward:
-    def forward(inputs: torch.Tensor):
-        out = model(inputs)
-        return out.logits, out.expert_counts, out.router_entropy
+def deepseek_forward(model: torch.nn.Module,
+                     autocast: Callable[[], AbstractContextManager] = nullcontext) -> Forward:
+    """Our model's summed CE (through the chunked LM-head loss, never the full logits)
+    and its router statistics."""
+    def forward(inputs: torch.Tensor, targets: torch.Tensor):
+        with autocast():
+            out = model(inputs, targets=targets)
+        return out.ce.double() * targets.numel(), out.expert_counts, out.router_entropy
 
     return forward
 
 
 def hf_forward(model: torch.nn.Module) -> Forward:
-    def forward(inputs: torch.Tensor):
-        return model(input_ids=inputs, use_cache=False).logits, None, None
+    def forward(inputs: torch.Tensor, targets: torch.Tensor):
+        logits = model(input_ids=inputs, use_cache=False).logits
+        return (F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                reduction="sum"), None, None)
 
     return forward
 
@@ -226,7 +257,7 @@ def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
     except ImportError:
         raise UserError("--hf-model needs transformers (pip install 'deepseek-mini[hf]')") from None
     if spec == "smollm2":
-        from .assets import smollm2_gguf_path
+        from .data.assets import smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         if gguf is None:
@@ -267,70 +298,3 @@ def hf_separator(tokenizer: Any, spec: str) -> int:
         raise UserError(f"--hf-model {spec}: its tokenizer has neither {EOS_TOKEN} nor an "
                         "end-of-sequence token to separate documents")
     return sep
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "max_tokens", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.hf_model and args.experts:
-        raise UserError("--experts needs a deepseek-mini --checkpoint (a transformers model "
-                        "reports no expert usage)")
-
-
-def check_seq_len(seq_len: int, max_position: int | None) -> None:
-    if max_position is not None and seq_len > max_position:
-        raise UserError(f"--seq-len {seq_len} exceeds the model's max_position {max_position}")
-
-
-def _checkpoint_run(args: argparse.Namespace, docs: list[str],
-                    device: torch.device) -> EvalResult:
-    ckpt = load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint).to(device).eval()
-    data = ckpt["config"].get("data") or {}
-    seq_len = args.seq_len or data.get("seq_len", DataConfig.seq_len)
-    check_seq_len(seq_len, model.config.max_position)
-    tok = load_tokenizer(args.tokenizer or data.get("tokenizer", DataConfig.tokenizer),
-                         data.get("cache_dir", DEFAULT_CACHE_DIR), model.config.vocab_size)
-    segments = select_segments(docs, tok, args.max_tokens)
-    stream = token_stream(segments, tok.encode_batch, tok.eos_id)
-    return evaluate(deepseek_forward(model), stream, seq_len, args.batch_size, device,
-                    count_bytes(segments))
-
-
-def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> EvalResult:
-    model, hf_tok = load_hf_model(args.hf_model)
-    model.to(device)
-    seq_len = args.seq_len or DataConfig.seq_len
-    check_seq_len(seq_len, getattr(model.config, "max_position_embeddings", None))
-    reference = None
-    if args.max_tokens is not None:
-        reference = load_tokenizer(args.tokenizer or DataConfig.tokenizer, DEFAULT_CACHE_DIR)
-    segments = select_segments(docs, reference, args.max_tokens)
-
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return hf_tok(texts, add_special_tokens=False)["input_ids"]
-
-    stream = token_stream(segments, encode_batch, hf_separator(hf_tok, args.hf_model))
-    return evaluate(hf_forward(model), stream, seq_len, args.batch_size, device,
-                    count_bytes(segments))
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    check_arguments(args)
-    device = resolve_device(args.device, "--device")
-    docs = read_documents(args.data)
-    run = _hf_run if args.hf_model else _checkpoint_run
-    result = run(args, docs, device)
-    if args.json:
-        report: dict[str, Any] = result.to_dict()
-        if args.experts:
-            report["experts"] = result.usage.to_dict()
-        print(json.dumps(report))
-        return
-    print(f"scored {result.tokens:,} tokens ({result.bytes:,} bytes) of {args.data}")
-    print(f"ce {result.ce:.4f} nats/token   ppl {result.ppl:.3f}   bpb {result.bpb:.4f}")
-    if args.experts:
-        print(result.usage.table())
-        print(result.usage.summary())

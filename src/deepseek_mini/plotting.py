@@ -8,18 +8,15 @@ beside the metrics through a temporary file, so a reader never sees half of one.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .files import METRICS_FILE, atomic_write
 
-METRICS_FILE = "metrics.jsonl"
 Rows = list[dict[str, Any]]
 
 
@@ -144,14 +141,7 @@ FIGURES: dict[str, Callable[[Rows], Any | None]] = {
 
 
 def save_png(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -173,7 +163,3 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                         "(ce, val_ce, aux, lr, tokens_per_s, expert_fractions)")
     return written
 
-
-def run_cli(args: argparse.Namespace) -> None:
-    for path in plot_run(args.run_dir):
-        print(path)

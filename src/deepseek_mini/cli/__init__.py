@@ -1,0 +1,2 @@
+"""The ``deepseek-mini`` command: one module per command, the only code that parses
+arguments or prints."""

@@ -1,0 +1,27 @@
+"""``deepseek-mini info``: sizes of a config, without building the model (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import Config
+from ..model.sizes import report
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = Config.from_yaml(args.config, args.set)
+    sizes = report(cfg)
+    if args.json:
+        print(json.dumps(sizes))
+        return
+    m = cfg.model
+    print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads x "
+          f"{m.head_dim}, {m.num_kv_heads} kv heads, latent {m.kv_latent_dim}, "
+          f"{m.num_experts} experts (top-{m.top_k}) + {m.num_shared_experts} shared, "
+          f"{m.expert_activation} {m.expert_hidden}")
+    print(f"total parameters       {sizes['total_params']:>15,}")
+    print(f"active per token       {sizes['active_params']:>15,}")
+    print(f"train FLOPs per token  {sizes['flops_per_token']:>15,}  (seq len {cfg.data.seq_len})")
+    print(f"KV cache per token     {sizes['kv_cache_bytes_per_token']:>15,} bytes (16-bit latents; "
+          f"{sizes['kv_cache_bytes_per_token_without_mla']:,} as plain K/V)")

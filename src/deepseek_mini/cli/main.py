@@ -1,0 +1,122 @@
+"""The ``deepseek-mini`` command line: every command's arguments here, the work in each
+command's own module. User mistakes end as one ``error: ...`` line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ..errors import UserError
+
+# command -> its module in this package, holding ``run(args) -> int | None``; imported only
+# when used, so ``info`` or a config error never waits for torch.
+HANDLERS = {
+    "train": "train",
+    "generate": "generate",
+    "eval": "eval",
+    "info": "info",
+    "prepare": "prepare",
+    "plot": "plot",
+    "warm-start": "warm_start",
+    "fetch-assets": "fetch_assets",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for every user error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults for every missing key)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key; the value is read as YAML (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deepseek-mini",
+                     description="Build, train, evaluate and sample a DeepSeek-style "
+                                 "MoE + MLA language model.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_config(p)
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/latest.pt")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps of this session, saving latest.pt "
+                        "(the schedule still runs to train.max_steps; continue with --resume)")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for a batch); '-' reads stdin")
+    p.add_argument("--prompt-file", help="read prompts from a file, one per line")
+    p.add_argument("--summary", help="TinyStoriesInstruct prompt: the story's summary")
+    p.add_argument("--words", help="TinyStoriesInstruct prompt: words the story must use")
+    p.add_argument("--features", help="TinyStoriesInstruct prompt: e.g. Dialogue, BadEnding")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence "
+                                                           "each step (for checking)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype for decoding")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+
+    p = sub.add_parser("eval", help="held-out loss of a checkpoint or a transformers model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--hf-model", help="a transformers causal LM: folder, Hub id or GGUF")
+    p.add_argument("--data", required=True, help="text file to score")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--experts", action="store_true", help="print per-layer expert usage")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+
+    p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of a config")
+    _add_config(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("prepare", help="tokenize the data into the cache")
+    _add_config(p)
+
+    p = sub.add_parser("plot", help="draw a run's metrics as PNG files")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("warm-start", help="build the model from SmolLM2-135M's weights")
+    _add_config(p)
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--source", default=None,
+                   help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search)")
+
+    sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
+                                        "offline use")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(f".{HANDLERS[args.command]}", __package__)
+    try:
+        return module.run(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

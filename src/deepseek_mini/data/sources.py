@@ -1,0 +1,191 @@
+"""Where training text comes from: documents as plain strings, one source at a time.
+
+Three sources (``data.source``): ``tinystories-instruct`` streams the Hub dataset, whose
+rows are single lines, and glues each record back together with its newlines;
+``files`` reads local .txt (documents separated by ``<|endoftext|>``) and .jsonl (a
+``text`` field per line), gzipped or not; ``demo`` generates the synthetic corpus. Every
+reader streams, so a multi-gigabyte file never has to fit in memory, and every problem a
+user can cause is a UserError naming the path (and line) at fault.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import IO
+
+from ..config import DataConfig
+from ..errors import UserError
+from .demo_corpus import demo_stories
+from .hub import hub_reachable
+from .tokenizer import EOS_TOKEN
+
+INSTRUCT_DATASET = "roneneldan/TinyStoriesInstruct"
+_EOS_BYTES = EOS_TOKEN.encode()
+_REPLACEMENT_BYTES = "\ufffd".encode()
+
+
+def warn(message: str) -> None:
+    """A problem worth knowing that does not stop the command."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def documents(data: DataConfig, seed: int) -> Iterator[str]:
+    """The configured source's documents in a fixed order, at most ``data.max_documents``
+    (``seed`` draws the demo corpus)."""
+    if data.source == "demo":
+        count = min(data.demo_stories, data.max_documents or data.demo_stories)
+        docs: Iterable[str] = demo_stories(count, seed)
+    elif data.source == "files":
+        docs = (doc for path in resolve_files(data.files) for doc in read_file(path))
+    else:
+        docs = instruct_records_from_hub()
+    return islice(docs, data.max_documents)
+
+
+def resolve_files(patterns: list[str]) -> list[Path]:
+    """Paths and globs to existing files, in the order given (glob matches sorted)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                             if Path(p).is_file())
+            if not matches:
+                raise UserError(f"data.files: no file matches {pattern!r}")
+        else:
+            path = Path(pattern).expanduser()
+            if path.is_dir():
+                raise UserError(f"data.files: {path} is a directory; give files or a glob "
+                                f"such as '{path}/*.txt'")
+            if not path.is_file():
+                raise UserError(f"data.files: file not found: {path}")
+            matches = [path]
+        paths += [p for p in matches if p not in paths]
+    return paths
+
+
+def files_fingerprint(patterns: list[str]) -> list[dict]:
+    """Name, size and modification time of every input file: what invalidates a cache."""
+    out = []
+    for path in resolve_files(patterns):
+        st = path.stat()
+        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def read_file(path: Path) -> Iterator[str]:
+    """The documents of one file; the format follows the suffix (.jsonl, else text),
+    under an optional .gz."""
+    is_gzip = path.suffix == ".gz"
+    fmt = Path(path.stem).suffix if is_gzip else path.suffix
+    reader = _jsonl_documents if fmt == ".jsonl" else _text_documents
+    try:
+        with (gzip.open(path, "rb") if is_gzip else open(path, "rb")) as f:
+            replaced = [0]
+            count = 0
+            for doc in reader(f, path, replaced):
+                count += 1
+                yield doc
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if replaced[0]:
+        warn(f"{path}: {replaced[0]} invalid UTF-8 sequence(s) replaced with U+FFFD")
+    if count == 0:
+        warn(f"{path} holds no text; skipped")
+
+
+def reassemble_records(lines: Iterable[str]) -> Iterator[str]:
+    """Records from a stream of single lines, each record ending at ``<|endoftext|>``.
+
+    The Hub's TinyStoriesInstruct rows are the lines of its .txt files; joining them
+    without their newlines would glue ``Features:``, ``Words:`` and the story into one
+    run-on line, so the newlines are put back here.
+    """
+    current: list[str] = []
+    for line in lines:
+        if EOS_TOKEN not in line:
+            current.append(line)
+            continue
+        *ends, rest = line.split(EOS_TOKEN)
+        for part in ends:
+            current.append(part)
+            record = "\n".join(current).strip()
+            if record:
+                yield record
+            current = []
+        current = [rest] if rest.strip() else []
+    record = "\n".join(current).strip()
+    if record:
+        yield record
+
+
+def instruct_records_from_hub() -> Iterator[str]:
+    """TinyStoriesInstruct's train split, streamed; checked for reachability up front."""
+    hint = ("download TinyStoriesInstruct-train.txt and set data.source: files and "
+            "data.files: [path/to/TinyStoriesInstruct-train.txt], or use data.source: demo")
+    if not hub_reachable():
+        raise UserError(f"data.source 'tinystories-instruct' needs the Hugging Face Hub, which "
+                        f"is not reachable (or HF_HUB_OFFLINE is set): {hint}")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("data.source 'tinystories-instruct' needs the datasets package "
+                        f"(pip install 'deepseek-mini[hf]'), or {hint}") from None
+    try:
+        rows = datasets.load_dataset(INSTRUCT_DATASET, split="train", streaming=True)
+    except Exception as exc:  # datasets raises many unrelated types for "could not get it"
+        raise UserError(f"cannot stream {INSTRUCT_DATASET}: {exc}; {hint}") from None
+    return reassemble_records(row["text"] for row in rows)
+
+
+def _text_documents(f: IO[bytes], path: Path, replaced: list[int]) -> Iterator[str]:
+    """Split on ``<|endoftext|>`` wherever it stands (TinyStories puts it on its own line);
+    a file with no separator is one document."""
+    current: list[bytes] = []
+    for line in f:
+        if _EOS_BYTES not in line:
+            current.append(line)
+            continue
+        *ends, rest = line.split(_EOS_BYTES)
+        for part in ends:
+            current.append(part)
+            doc = _decode(b"".join(current), replaced).strip()
+            if doc:
+                yield doc
+            current = []
+        current = [rest]
+    doc = _decode(b"".join(current), replaced).strip()
+    if doc:
+        yield doc
+
+
+def _jsonl_documents(f: IO[bytes], path: Path, replaced: list[int]) -> Iterator[str]:
+    for number, raw in enumerate(f, 1):
+        line = _decode(raw, replaced).strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f"{path} line {number}: expected an object with a string 'text' "
+                            "field")
+        if row["text"].strip():
+            yield row["text"]
+
+
+def _decode(raw: bytes, replaced: list[int]) -> str:
+    """UTF-8, with each invalid sequence replaced and counted into ``replaced[0]``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        replaced[0] += text.count("\ufffd") - raw.count(_REPLACEMENT_BYTES)
+        return text

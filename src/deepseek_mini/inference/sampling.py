@@ -1,0 +1,68 @@
+"""Choosing the next token from logits: greedy, or sampled after temperature, top-k, top-p.
+
+The order is Hugging Face's: divide by the temperature, keep the ``top_k`` largest logits,
+then keep the smallest set of tokens whose probabilities add up to ``top_p`` (nucleus).
+Filters set the dropped logits to ``-inf`` and never drop the most likely token, so a row
+always has something to sample. Everything is batched over rows and stays on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling or generation argument out of range: a UserError for the command line,
+    a ValueError for Python callers."""
+
+
+PYTHON_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"}
+CLI_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   names: dict[str, str] = PYTHON_NAMES) -> None:
+    """Reject out-of-range values, naming them as ``names`` spells them."""
+    if not temperature >= 0.0:  # also rejects NaN
+        raise SamplingError(f"{names['temperature']} must be >= 0 (0 = greedy), "
+                            f"got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SamplingError(f"{names['top_k']} must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise SamplingError(f"{names['top_p']} must be in (0, 1], got {top_p}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (ties with the k-th are kept too)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep, per row, the most likely tokens until their probability reaches ``p``."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # A token is dropped when the tokens ranked above it already hold p of the mass.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] as a LongTensor [B]; temperature 0 is argmax."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

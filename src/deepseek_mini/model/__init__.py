@@ -1,0 +1,1 @@
+"""The network: MLA attention, MoE feed-forward, the decoder, its loss and its sizes."""

@@ -1,0 +1,80 @@
+"""Model sizes from the config alone: parameters, active parameters, FLOPs, cache bytes.
+
+Formulas (L layers, h hidden, V vocab, H heads, d head_dim, Hkv kv heads, c latent,
+E routed experts, k top-k, S shared experts, f expert hidden, m = 3 for swiglu else 2):
+
+- attention per layer: ``h·H·d (q) + h·c (latent) + 2·c·Hkv·d (k, v up) + H·d·h (out)``
+- one expert: ``m·h·f``; MoE per layer: ``h·E (router) + (E + S)·m·h·f``
+- norms: ``2·h`` per layer and ``h`` at the output
+- total: ``V·h`` embedding (+ ``V·h`` head when untied) + layers + final norm
+- active per token: total less the ``(E - k)`` experts each layer does not run
+- training FLOPs per token: ``6·N_mm + 12·L·H·d·T`` where ``N_mm`` is the matmul
+  parameters a token uses (active attention, router, k routed + S shared experts, and the
+  ``V·h`` LM head; the embedding is a lookup) and ``T`` the sequence length — forward 2
+  and backward 4 FLOPs per weight per token, plus QKᵀ and AV over ``T`` keys, not halved
+  for causality (the PaLM convention).
+- KV cache: ``c`` values per token per layer, 2 bytes each in 16-bit.
+"""
+
+from __future__ import annotations
+
+from ..config import Config, ModelConfig
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    h, d, c = cfg.hidden_size, cfg.head_dim, cfg.kv_latent_dim
+    return h * cfg.num_heads * d + h * c + 2 * c * cfg.num_kv_heads * d + cfg.num_heads * d * h
+
+
+def expert_params(cfg: ModelConfig) -> int:
+    mats = 3 if cfg.expert_activation == "swiglu" else 2
+    return mats * cfg.hidden_size * cfg.expert_hidden
+
+
+def moe_params(cfg: ModelConfig) -> int:
+    experts = cfg.num_experts + cfg.num_shared_experts
+    return cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
+
+
+def total_params(cfg: ModelConfig) -> int:
+    h = cfg.hidden_size
+    per_layer = attention_params(cfg) + moe_params(cfg) + 2 * h
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
+    return cfg.vocab_size * h + head + cfg.num_layers * per_layer + h
+
+
+def active_params(cfg: ModelConfig) -> int:
+    idle = cfg.num_layers * (cfg.num_experts - cfg.top_k) * expert_params(cfg)
+    return total_params(cfg) - idle
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    experts = cfg.top_k + cfg.num_shared_experts
+    per_layer = (attention_params(cfg) + cfg.hidden_size * cfg.num_experts
+                 + experts * expert_params(cfg))
+    return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 6 * matmul_params_per_token(cfg) + attention
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    return cfg.num_layers * cfg.kv_latent_dim * bytes_per_value
+
+
+def plain_kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+    """What a K/V cache of the same heads would hold, for comparison."""
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
+
+
+def report(cfg: Config) -> dict[str, int]:
+    m = cfg.model
+    return {
+        "total_params": total_params(m),
+        "active_params": active_params(m),
+        "flops_per_token": flops_per_token(m, cfg.data.seq_len),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
+        "kv_cache_bytes_per_token_without_mla": plain_kv_cache_bytes_per_token(m),
+    }

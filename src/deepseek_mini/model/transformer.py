@@ -1,0 +1,193 @@
+"""DeepSeekMini: token embedding → decoder layers (MLA + MoE) → RMSNorm → LM head.
+
+Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_checkpoint, model_config_of
+from ..config import ModelConfig
+from ..errors import UserError
+from .attention import MultiHeadLatentAttention
+from .cache import LatentCache
+from .loss import linear_cross_entropy
+from .mask import padded_causal_mask
+from .moe import MoE, exclude_from_compile
+from .norm import RMSNorm
+from .rope import rope_tables
+
+
+@dataclass
+class ModelOutput:
+    """Logits and, when targets were given, ``loss = ce + aux`` with aux's two parts.
+
+    ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
+    statistics for logging (None for a forward with a cache and no targets); reading them
+    is the caller's (synchronising) choice.
+
+    With targets, ``logits`` are computed only if read: the loss comes from the final
+    hidden states without the [tokens, vocab] tensor (cross_entropy.py), so training never
+    builds it.
+    """
+
+    hidden: torch.Tensor = field(repr=False)
+    head: nn.Module = field(repr=False)
+    loss: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    aux: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
+    router_entropy: torch.Tensor | None = None
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = MultiHeadLatentAttention(cfg, layer_index)
+        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.moe = MoE(cfg)
+
+    def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                rope_k: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None,
+                mask: torch.Tensor | None, with_stats: bool = True):
+        x = x + self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask)
+        moe_out, stats = self.moe(self.moe_norm(x), with_stats)
+        return x + moe_out, stats
+
+
+class DeepSeekMini(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, 0.02) everywhere; residual-output projections scaled by 1/sqrt(2L) so
+        the residual stream's variance does not grow with depth (GPT-2)."""
+        out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "w_down", "down.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: LatentCache | None = None, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """``input_ids`` and ``targets`` [B, T] (target -100 is ignored).
+
+        ``positions`` [B, T] gives the tokens' RoPE positions (default: 0, 1, ... or, with
+        a ``cache``, right after the cached ones) and ``attention_mask`` [B, T] marks real
+        tokens (0 for left padding, which no token attends to). With a ``cache``, the
+        tokens are appended to it and attend to everything cached before them.
+        ``logits_to_keep > 0`` computes logits for the last positions only.
+        """
+        batch, steps = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + steps > self.config.max_position:
+                raise ValueError(f"{start + steps} positions exceed model.max_position "
+                                 f"({self.config.max_position})")
+            positions = torch.arange(start, start + steps, device=input_ids.device)
+            positions = positions.expand(batch, steps)
+        rope_q = self._rope(positions)
+        mask = None
+        if cache is not None:
+            cache.append(positions, attention_mask)
+            rope_k = self._rope(cache.key_positions())
+            mask = cache.attention_mask()
+        else:
+            rope_k = rope_q
+            if attention_mask is not None:
+                mask = padded_causal_mask(attention_mask.bool(), 0)
+        # Router statistics cost a dozen small ops per layer: generation (a cache, no
+        # targets) goes without them.
+        with_stats = cache is None or targets is not None
+        x = self.embed(input_ids)
+        stats = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
+            stats.append(layer_stats)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        out = ModelOutput(hidden=x, head=self.lm_head)
+        if targets is None:  # now, under the caller's autocast and grad mode
+            out.logits = self.lm_head(x)
+        if with_stats:
+            out.expert_counts = torch.stack([s.expert_counts for s in stats])
+            out.router_entropy = torch.stack([s.router_entropy for s in stats])
+        if targets is not None:
+            out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
+                                          targets.flatten())
+            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+            out.aux = out.balance_loss + out.z_loss
+            out.loss = out.ce + out.aux
+        return out
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def new_cache(self, batch_size: int, max_len: int,
+                  dtype: torch.dtype | None = None) -> LatentCache:
+        cfg = self.config
+        return LatentCache(cfg.num_layers, batch_size, max_len, cfg.kv_latent_dim, self.device,
+                           dtype or self.embed.weight.dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
+                        ) -> DeepSeekMini:
+        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file)."""
+        return cls.from_checkpoint_dict(load_checkpoint(path, map_location), path).to(
+            map_location)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, path: str | Path) -> DeepSeekMini:
+        """The model of an already read checkpoint (``path`` only names it in errors), for
+        callers that also need its other entries."""
+        model = cls(model_config_of(ckpt, path))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"checkpoint {path} does not match its model config: {first}"
+                            ) from None
+        return model
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile(model, **options)``, the grouped expert product left to eager mode
+    (see ``moe.grouped_matmul``)."""
+    exclude_from_compile()
+    return torch.compile(model, **options)

@@ -1,0 +1,299 @@
+"""The training loop: ``deepseek-mini train`` and ``train(cfg)``.
+
+One optimizer step takes the global batch of ``train.batch_size`` sequences from the
+seeded sampler, splits it into micro batches for gradient accumulation, clips the
+gradient norm and steps AdamW on the warm-up + cosine schedule. Losses and statistics
+stay on the device between log lines, so the host waits on the device only when it
+prints. Everything a run depends on (weights, optimizer, schedule, scaler, sampler
+position, random generators, log window, counters) is in ``latest.pt``, so ``--resume``
+continues as if the run had never stopped: on CPU in fp32 the losses match bit for bit.
+
+Under torchrun (``train.parallel``: ddp or fsdp, distributed.py) each rank takes its
+contiguous share of the same global batch and splits it into micro batches; gradients,
+losses and validation are averaged over ranks, every rank computes and rank 0 alone
+writes, so checkpoints and metrics read as a single process's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import config_differences
+from ..config import Config
+from ..data.instruct import instruct_prompt
+from ..data.tokens import BatchSampler, prepare_data, val_batches
+from ..errors import UserError
+from ..evaluation import deepseek_forward, score
+from ..expert_usage import CollapseWatch, ExpertUsage
+from ..files import CONFIG_FILE, LATEST, METRICS_FILE, atomic_write_text
+from ..inference.generate import generate
+from ..inference.prompts import completion_text
+from ..model.sizes import flops_per_token
+from ..model.transformer import compile_model
+from .distributed import Parallel, setup
+from .log_window import LogWindow
+from .mfu import format_flops, measure_matmul_peak
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision, setup_precision
+from .runlog import RunLog, continue_metrics
+from .signals import StopRequest
+from .state import Run, initial_model, resume_checkpoint, save
+from .step import train_step
+
+MAX_NONFINITE_STREAK = 10
+SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
+SAMPLE_WORDS = "kick, ball, happy"
+SAMPLE_FEATURES = "Dialogue"
+SAMPLE_TOKENS = 100
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    best_val: float | None
+    last_val: float | None
+    last_loss: float | None
+    interrupted: bool
+    out_dir: Path
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train as ``cfg`` says; with ``resume``, continue from ``out_dir/latest.pt``.
+
+    ``stop_after`` ends this session after that many steps, saving ``latest.pt`` as a
+    signal would, without touching the schedule (which still runs to ``max_steps``), so a
+    long run can be trained in slices. With ``train.parallel`` ddp or fsdp, this is one
+    rank of a torchrun launch.
+    """
+    if stop_after is not None and stop_after <= 0:
+        raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
+    precision = setup_precision(cfg.train)
+    parallel = setup(cfg.train, precision)
+    try:
+        return _train(cfg, resume, stop_after, precision, parallel)
+    finally:
+        parallel.close()
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precision,
+           parallel: Parallel) -> TrainResult:
+    ranks = parallel.ranks
+    out_dir = Path(cfg.train.out_dir)
+    ckpt = resume_checkpoint(cfg, out_dir) if resume else None
+    data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
+                        cfg.model.max_position, progress=ranks.is_main)
+    torch.manual_seed(cfg.train.seed)
+    model = initial_model(cfg, ckpt).to(precision.device)
+    train_model = parallel.wrap(model, precision)
+    if cfg.train.compile:
+        train_model = compile_model(train_model)
+    optimizer = build_optimizer(model, cfg.train)
+    run = Run(cfg, parallel, precision, model, train_model, optimizer,
+              build_scheduler(optimizer, cfg.train),
+              BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed),
+              LogWindow.zeros(precision.device), CollapseWatch())
+    if ckpt is not None:
+        run.load_state_dict(ckpt)
+    if ranks.is_main:
+        if resume:
+            continue_metrics(out_dir / METRICS_FILE, run.step)
+        atomic_write_text(cfg.to_yaml(), out_dir / CONFIG_FILE)
+    log = RunLog(out_dir, enabled=ranks.is_main, resume=resume,
+                 total_steps=cfg.train.max_steps, start_step=run.step)
+    try:
+        evals = (val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
+                             cfg.train.eval_batches)
+                 if len(data.val) > cfg.data.seq_len else [])
+        stop_step = run.step + stop_after if stop_after is not None else None
+        interrupted = _loop(run, log, evals, data.tokenizer, ckpt, stop_step)
+    finally:
+        log.close()
+    return TrainResult(run.step, run.tokens_seen, run.best_val, run.last_val, run.last_loss,
+                       interrupted, out_dir)
+
+
+def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
+          ckpt: dict[str, Any] | None, stop_step: int | None) -> bool:
+    """Steps until ``max_steps``, ``stop_step`` or a signal; True when a signal stopped it."""
+    cfg, tcfg = run.cfg, run.cfg.train
+    tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    # Every process drives its own device: the run's peak is the sum.
+    peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
+    _announce(run, log, ckpt, peak, flops)
+    run.window.started = time.perf_counter()
+    stopping = False
+    with StopRequest(log.info) as stop:
+        end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
+        while run.step < end and not stopping:
+            lr = run.scheduler.get_last_lr()[0]
+            batch = run.sampler.next_batch(run.ranks.rank, run.ranks.world_size)
+            stats, finite = train_step(run.train_model, run.optimizer, batch,
+                                       tcfg.micro_batch_size, tcfg.grad_clip, run.precision,
+                                       run.parallel)
+            run.scheduler.step()
+            run.step += 1
+            run.tokens_seen += tokens_per_step
+            run.window.add(stats, finite, tokens_per_step)
+            last = run.step == tcfg.max_steps
+            if run.step % tcfg.log_interval == 0 or run.step == 1 or last:
+                _log_train(run, log, lr, flops, peak)
+            elif run.step % MAX_NONFINITE_STREAK == 0:
+                _check_streak(run)
+            log.advance(None if run.last_loss is None else f"loss {run.last_loss:.3f}")
+            improved = False
+            if evals and (run.step % tcfg.eval_interval == 0 or last):
+                improved = _evaluate(run, log, evals)
+            if run.step % tcfg.sample_interval == 0 or last:
+                _sample(run, log, tokenizer)
+            stopping = run.parallel.any(stop.requested is not None)
+            save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
+            if improved or save_latest:
+                save(run, best=improved, latest=save_latest)
+    if stopping:
+        log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
+                 f"{run.step}; {LATEST} saved (continue with --resume)")
+        return True
+    if run.step < tcfg.max_steps:
+        log.info(f"paused at step {run.step} of {tcfg.max_steps}; {LATEST} saved "
+                 "(continue with --resume)")
+        return False
+    log.info(f"done: {run.step} steps, {run.tokens_seen:,} tokens, "
+             f"{run.elapsed():.1f}s; best val CE {_fmt(run.best_val)}")
+    return False
+
+
+def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
+              flops: int) -> None:
+    cfg = run.cfg
+    n_params = sum(p.numel() for p in run.model.parameters())
+    world = run.ranks.world_size
+    split = (f"{world} {run.parallel.kind} processes x " if world > 1 else "")
+    log.info(f"model: {n_params:,} parameters, {flops:,} train FLOPs/token; "
+             f"{run.precision.describe()}; batch {cfg.train.batch_size} x {cfg.data.seq_len} "
+             f"({split}{cfg.train.grad_accum_steps // world} micro batches of "
+             f"{cfg.train.micro_batch_size})")
+    log.info(f"MFU against a measured peak of {format_flops(peak)} "
+             f"({run.precision.name} {peak_source(run.precision)}"
+             + (f", x {world} processes)" if world > 1 else ")"))
+    if ckpt is None and (run.out_dir / LATEST).exists():
+        log.info(f"starting afresh in {run.out_dir}: its {LATEST} will be overwritten "
+                 "(--resume continues it instead)")
+    if ckpt is None and cfg.train.warm_start is not None:
+        log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
+                 "and data order start fresh")
+    if ckpt is not None:
+        changed = [d for section in ("data", "train")
+                   for d in config_differences(ckpt["config"].get(section, {}),
+                                               cfg.to_dict()[section], section)]
+        log.info(f"resumed from {run.out_dir / LATEST} at step {run.step}"
+                 + (f"; changed settings: {'; '.join(changed)}" if changed else ""))
+
+
+def peak_source(precision: Precision) -> str:
+    if precision.device.type == "cuda":
+        return f"linear on {torch.cuda.get_device_name(precision.device)}"
+    return f"linear on {torch.get_num_threads()} CPU threads"
+
+
+def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> None:
+    window = run.window
+    sums, finite, skipped, streak = (window.sums.tolist(), int(window.finite_steps),
+                                     int(window.skipped_total), int(window.streak))
+    seconds = max(time.perf_counter() - window.started, 1e-9)
+    tokens_per_s = window.tokens_timed / seconds
+    mean = [s / finite if finite else math.nan for s in sums]
+    loss, ce, aux, balance, z, grad_norm = mean
+    mfu = flops * tokens_per_s / peak
+    run.last_loss = loss
+    elapsed = run.elapsed()
+    skipped_now = window.steps - finite
+    log.info(f"step {run.step:>6}/{run.cfg.train.max_steps} | loss {loss:.4f} | ce {ce:.4f} | "
+             f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
+             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}%"
+             + (f" | skipped {skipped_now} non-finite steps ({skipped} in all)"
+                if skipped_now else ""))
+    log.metrics({"step": run.step, "loss": loss, "ce": ce, "aux": aux, "lr": lr,
+                 "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm,
+                 "mfu": mfu, "balance_loss": balance, "z_loss": z,
+                 "tokens_seen": run.tokens_seen, "skipped_steps": skipped})
+    window.reset()
+    _raise_on_streak(run, streak)
+
+
+def _check_streak(run: Run) -> None:
+    """A read of one counter every ``MAX_NONFINITE_STREAK`` steps between log lines."""
+    _raise_on_streak(run, int(run.window.streak))
+
+
+def _raise_on_streak(run: Run, streak: int) -> None:
+    if streak >= MAX_NONFINITE_STREAK:
+        raise UserError(f"the loss was not finite for {streak} steps in a row (up to step "
+                        f"{run.step}): lower train.lr ({run.cfg.train.lr:g}) or try "
+                        "train.precision=fp32")
+
+
+def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
+    """Validation CE over the fixed batches, with expert usage; True when it is the best
+    so far.
+
+    Ranks score every ``world_size``-th batch and the sums are all-reduced. Under FSDP
+    every forward is a collective, so a rank left without a batch in the last round
+    runs the first one again and discards it.
+    """
+    model, device = run.model, run.precision.device
+    rank, world = run.ranks.rank, run.ranks.world_size
+    mine = batches[rank::world]
+    forward = deepseek_forward(model, run.precision.autocast)
+    model.eval()
+    totals = score(forward, mine, device)
+    if len(mine) < math.ceil(len(batches) / world):
+        score(forward, batches[:1], device)
+    model.train()
+    sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
+                                       totals.counts.flatten(), totals.entropy])).cpu()
+    tokens = float(sums[1])
+    val_ce = float(sums[0]) / tokens
+    layers = run.cfg.model.num_layers
+    usage = ExpertUsage.from_counts(sums[2:-layers].view(layers, -1), sums[-layers:] / tokens)
+    improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
+    if improved:
+        run.best_val = val_ce
+    run.last_val = val_ce
+    log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)}) | "
+             f"{usage.summary()}")
+    for warning in run.watch.update(usage):
+        log.info(warning)
+    log.metrics({"step": run.step, "val_ce": val_ce, "best_val_ce": run.best_val,
+                 **usage.to_dict()})
+    return improved
+
+
+def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
+    """A greedy continuation of a fixed prompt: the quickest read of what the model has
+    learnt. Greedy draws no random numbers, so it leaves a resumed run's RNG untouched."""
+    prompt_text = instruct_prompt(SAMPLE_SUMMARY, SAMPLE_WORDS, SAMPLE_FEATURES)
+    prompt = torch.tensor([tokenizer.encode(prompt_text)], device=run.precision.device)
+    room = min(SAMPLE_TOKENS, run.cfg.model.max_position - prompt.shape[1])
+    if room <= 0:
+        return
+    run.model.eval()  # on every rank: under FSDP each forward gathers from all of them
+    ids = generate(run.model, prompt, max_new_tokens=room, temperature=0.0,
+                   eos_id=tokenizer.eos_id)
+    run.model.train()
+    if not run.ranks.is_main:
+        return
+    text = completion_text(tokenizer, ids[0, prompt.shape[1]:].tolist())
+    log.info(f"sample at step {run.step} (greedy, after the prompt's Summary: "
+             f"{SAMPLE_SUMMARY!r}):{text}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,97 @@
+"""What a training run tells the world: console lines, ``train.log`` and ``metrics.jsonl``.
+
+On a terminal the console gets a tqdm bar and the log lines print above it; elsewhere
+(CI, ``| tee``, a scheduler's log file) plain lines only, since a redrawn bar turns into
+noise there. Only the main process of a run writes (``enabled``), so a later distributed
+run can hand every rank the same object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from ..files import LOG_FILE, METRICS_FILE, atomic_write_text
+
+
+def continue_metrics(path: Path, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to the rows of steps ``<= step`` before a resume: rows
+    written after the checkpoint would be written again, and a line cut short by a crash
+    is not JSON. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    atomic_write_text("".join(f"{line}\n" for line in kept), path)
+    return dropped
+
+
+def _json_value(value: Any) -> Any:
+    """JSON has no inf or NaN; a skipped-step loss is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, *, enabled: bool, resume: bool, total_steps: int,
+                 start_step: int) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+        self._log: TextIO | None = None
+        self._metrics: TextIO | None = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mode = "a" if resume else "w"
+        self._log = open(out_dir / LOG_FILE, mode, encoding="utf-8")  # noqa: SIM115
+        self._metrics = open(out_dir / METRICS_FILE, mode, encoding="utf-8")  # noqa: SIM115
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, leave=False)
+
+    def info(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        assert self._log is not None
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        assert self._metrics is not None
+        clean = {key: _json_value(value) for key, value in row.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
+        self._metrics.flush()
+
+    def advance(self, postfix: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for f in (self._log, self._metrics):
+            if f is not None:
+                f.close()

@@ -1,0 +1,68 @@
+"""One optimizer step: micro batches with gradient accumulation, clipping, AdamW.
+
+Nothing here waits on the device: the losses, the gradient norm and whether the step was
+finite come back as device tensors, read only at log intervals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .distributed import Parallel
+from .precision import Precision
+
+
+def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size: int,
+                         precision: Precision, parallel: Parallel | None = None
+                         ) -> torch.Tensor:
+    """Forward and backward over ``batch`` [rows, seq_len + 1] in micro batches, leaving
+    the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z).
+
+    The load-balance term is a statistic of whichever batch the router sees, so it is
+    computed per micro batch; everything else matches one pass over the whole batch.
+    Under ``parallel``, ``batch`` is this rank's share and the gradients are averaged
+    over ranks after the last micro batch.
+    """
+    parallel = parallel or Parallel()
+    micro = batch.to(precision.device, non_blocking=True).split(micro_batch_size)
+    losses = torch.zeros(5, device=precision.device)
+    for i, chunk in enumerate(micro):
+        with parallel.gradient_sync(model, last=i == len(micro) - 1):
+            with precision.autocast():
+                out = model(chunk[:, :-1], targets=chunk[:, 1:])
+            precision.scaler.scale(out.loss / len(micro)).backward()
+        losses += torch.stack([out.loss, out.ce, out.aux, out.balance_loss,
+                               out.z_loss]).detach().float()
+    return losses / len(micro)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tensor,
+               micro_batch_size: int, grad_clip: float, precision: Precision,
+               parallel: Parallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step. Returns the step's (loss, ce, aux, balance, z, grad norm) and
+    whether it was finite, both on the device, without waiting for it: a non-finite step
+    is skipped by the fused kernel itself and leaves weights and optimizer state as they
+    were. Under ``parallel`` the losses are the mean over ranks, so every rank logs and
+    skips alike."""
+    parallel = parallel or Parallel()
+    losses = parallel.mean(accumulate_gradients(model, batch, micro_batch_size, precision,
+                                                parallel))
+    scaler = precision.scaler
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = parallel.full(nn.utils.clip_grad_norm_(
+        params, grad_clip if grad_clip > 0 else math.inf, foreach=True))
+    finite = torch.isfinite(losses[0])
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips on its own when the scaled gradients overflowed
+    else:
+        finite = finite & torch.isfinite(grad_norm)
+        optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel
+        optimizer.step()
+        del optimizer.found_inf
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat([losses, grad_norm.reshape(1).float()]), finite
