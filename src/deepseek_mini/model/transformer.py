@@ -124,8 +124,8 @@ class DeepSeekMini(nn.Module):
         mask = None
         if cache is not None:
             cache.append(positions, attention_mask)
-            rope_k = self._rope(cache.key_positions())
-            mask = cache.attention_mask()
+            rope_k = self._rope(cache.key_positions(steps))
+            mask = cache.attention_mask(steps)
         else:
             rope_k = rope_q
             if attention_mask is not None:
@@ -159,11 +159,13 @@ class DeepSeekMini(nn.Module):
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
-    def new_cache(self, batch_size: int, max_len: int,
-                  dtype: torch.dtype | None = None) -> LatentCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  static: bool = False) -> LatentCache:
+        """An empty cache for ``max_len`` tokens per row (``static``: for a compiled
+        decode step, see cache.py)."""
         cfg = self.config
         return LatentCache(cfg.num_layers, batch_size, max_len, cfg.kv_latent_dim, self.device,
-                           dtype or self.embed.weight.dtype)
+                           dtype or self.embed.weight.dtype, static)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
