@@ -70,15 +70,18 @@ class EvalResult:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.ce)
+        return math.exp(self.ce) if self.ce < 700 else math.inf  # exp overflows past ~709
 
     @property
     def bpb(self) -> float:
         return self.nll / math.log(2) / self.bytes
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"ce": self.ce, "ppl": self.ppl, "bpb": self.bpb, "tokens": self.tokens,
-                "bytes": self.bytes}
+    def to_dict(self) -> dict[str, float | int | None]:
+        """The figures as JSON can hold them: a non-finite one (an overflowing loss) is
+        None (null), never a bare NaN that no JSON reader accepts."""
+        figures = {"ce": self.ce, "ppl": self.ppl, "bpb": self.bpb}
+        return {**{k: v if math.isfinite(v) else None for k, v in figures.items()},
+                "tokens": self.tokens, "bytes": self.bytes}
 
 
 def read_documents(path: str | Path) -> list[str]:
