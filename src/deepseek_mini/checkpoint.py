@@ -48,8 +48,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # Not torch's advice to retry with weights_only=False: that would run the payload.
-        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint, or is corrupt: "
-                        "it holds Python objects other than tensors and plain data") from None
+        raise UserError(f"cannot load checkpoint {path}: it is not a deepseek-mini checkpoint, "
+                        "or is corrupt (it holds Python objects other than tensors and plain "
+                        "data)") from None
     except PermissionError:
         raise UserError(f"cannot read checkpoint {path}: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - junk bytes raise KeyError, IndexError, ... too
