@@ -294,10 +294,23 @@ def test_an_existing_file_as_a_folder_is_one_error_line(data_overrides, tmp_path
     assert key in line and str(in_the_way) in line and "is (or lies under) a file" in line
 
 
-def test_an_unwritable_run_folder_is_one_error_line(data_overrides, capsys):
+@pytest.mark.parametrize("key", ["train.out_dir", "data.cache_dir"])
+def test_an_unwritable_folder_is_one_error_line(data_overrides, tmp_path, capsys, key):
     # /sys refuses even root, which the tests run as
-    assert main(train_args(data_overrides, Path("/sys/deepseek-mini-test/run"))) == 2
-    assert "cannot create train.out_dir /sys/deepseek-mini-test/run" in one_error_line(capsys)
+    args = train_args(data_overrides, tmp_path, f"{key}=/sys/deepseek-mini-test/x")
+    assert main(args) == 2
+    assert f"cannot create {key} /sys/deepseek-mini-test/x" in one_error_line(capsys)
+
+
+def test_resume_in_a_read_only_run_folder_is_one_error_line(data_overrides, tmp_path, capsys,
+                                                            monkeypatch):
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(run_folder, "open", read_only, raising=False)
+    assert main([*train_args(data_overrides, tmp_path), "--resume"]) == 2
+    assert one_error_line(capsys) == (f"error: cannot write in the run folder {tmp_path}: "
+                                      "permission denied")
 
 
 def test_plot_into_a_read_only_folder_is_one_error_line(tmp_path, capsys, monkeypatch):
