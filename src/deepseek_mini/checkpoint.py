@@ -11,7 +11,6 @@ save and after a load.
 
 from __future__ import annotations
 
-import math
 import pickle
 import warnings
 from collections.abc import Iterable
@@ -72,17 +71,19 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 def all_finite(tensors: Iterable[Any]) -> bool:
     """Whether every floating-point tensor among ``tensors`` is free of inf and NaN.
 
-    One fused max-abs reduction per device (``_foreach_norm`` with ord=inf, which cannot
-    overflow as a 2-norm could) and one read of the verdict, not a host sync per tensor:
-    it runs before every save over all weights and optimizer state."""
+    It runs before every save over all weights and optimizer state, so it must be cheap:
+    each tensor's min and max (``aminmax``, which propagates NaN and cannot overflow as a
+    sum or a 2-norm could) stay on the device, are stacked, and the verdict is read once
+    per device, not a host sync per tensor. Measured at 0.17x the save itself on CPU
+    (BENCHMARKS.md), where a fused ``_foreach_norm`` with ord=inf took 2.1x."""
     import torch
 
     by_device: dict[Any, list[torch.Tensor]] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             by_device.setdefault(t.device, []).append(t.detach())
-    verdicts = [torch.stack(torch._foreach_norm(group, math.inf)).isfinite().all()
-                for group in by_device.values()]
+    verdicts = [torch.cat([torch.stack(torch.aminmax(t)).double() for t in group])
+                .isfinite().all() for group in by_device.values()]
     return all(bool(v) for v in verdicts)
 
 
