@@ -4,11 +4,16 @@ A checkpoint is a plain dict of tensors and primitives. Every checkpoint has ``m
 (the state dict) and ``config`` (the run's config as a dict); a training checkpoint
 (``latest.pt``, ``best.pt``) also has the ``TRAINING_STATE`` entries that ``--resume``
 needs (train/state.py fills and reads them). Writing is ``files.atomic_save``; reading
-is ``torch.load(weights_only=True)``, which refuses anything that could run code.
+is ``torch.load(weights_only=True)``, which refuses anything that could run code. A
+checkpoint never holds a non-finite weight: ``all_finite`` is the check, made before a
+save and after a load.
 """
 
 from __future__ import annotations
 
+import pickle
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +37,66 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings are not the user's business here
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # Not torch's advice to retry with weights_only=False: that would run the payload.
+        raise UserError(f"cannot load checkpoint {path}: it is not a deepseek-mini checkpoint, "
+                        "or is corrupt (it holds Python objects other than tensors and plain "
+                        "data)") from None
+    except PermissionError:
+        raise UserError(f"cannot read checkpoint {path}: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - junk bytes raise KeyError, IndexError, ... too
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint "
                         "(no 'model' or 'config' entry)")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint (its 'model' "
+                        "entry is not a state dict of named tensors)")
     if isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict):
         ckpt["config"] = {**ckpt["config"], "model": upgrade_model_dict(ckpt["config"]["model"])}
     return ckpt
+
+
+def all_finite(tensors: Iterable[Any]) -> bool:
+    """Whether every floating-point tensor among ``tensors`` is free of inf and NaN.
+
+    It runs before every save over all weights and optimizer state, so it must be cheap:
+    each tensor's min and max (``aminmax``, which propagates NaN and cannot overflow as a
+    sum or a 2-norm could) stay on the device, are stacked, and the verdict is read once
+    per device, not a host sync per tensor. Measured at 0.17x the save itself on CPU
+    (BENCHMARKS.md), where a fused ``_foreach_norm`` with ord=inf took 2.1x."""
+    import torch
+
+    by_device: dict[Any, list[torch.Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            by_device.setdefault(t.device, []).append(t.detach())
+    verdicts = [torch.cat([torch.stack(torch.aminmax(t)).double() for t in group])
+                .isfinite().all() for group in by_device.values()]
+    return all(bool(v) for v in verdicts)
+
+
+def state_tensors(state: Any) -> Iterable[Any]:
+    """Every tensor inside a nested dict / list state (a state dict, an optimizer's)."""
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from state_tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from state_tensors(value)
+    else:
+        yield state
 
 
 def model_config_of(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:

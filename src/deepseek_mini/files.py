@@ -3,16 +3,20 @@
 A temporary file is written beside the target, fsynced, then renamed over it (and the
 folder fsynced), so a crash at any moment leaves either the old file or the new one,
 whole. Checkpoints, configs, tokenizers, token-cache metadata, metrics and plots all go
-through ``atomic_write``.
+through ``atomic_write``. The new file keeps the mode of the one it replaces (or the
+umask's), and a full disk is a ``DiskFullError`` naming the file, with the old file kept.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import UserError
 
 # The files of a run folder (``train.out_dir``).
 LATEST = "latest.pt"
@@ -20,24 +24,93 @@ BEST = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 CONFIG_FILE = "config.yaml"
+RUN_FILES = (LATEST, BEST, METRICS_FILE, LOG_FILE, CONFIG_FILE)
+LOCK_FILE = ".lock"
+EXIT_DISK_FULL = 28  # the command's exit status on a full disk (ENOSPC's number)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class DiskFullError(UserError):
+    """No room left for a file: the user's disk, not our bug, and worth its own exit code."""
+
+    exit_code = EXIT_DISK_FULL
+
+
+def temporary_name_prefix(name: str) -> str:
+    """The prefix of ``atomic_write``'s temporary files for a target called ``name``."""
+    return f".{name}."
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = True) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then make it ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
+                               suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb" if binary else "w",
                        **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write {path} "
+                                f"({_free_bytes(path.parent)} bytes free in {path.parent}); "
+                                "the previous file is kept") from None
         raise
     _fsync_dir(path.parent)
+
+
+def ensure_dir(path: str | Path, what: str = "folder") -> Path:
+    """``path`` as an existing folder, created when missing; a file in the way or a
+    folder we may not write is the user's to fix, so it is a UserError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{what} {path} is (or lies under) a file, not a folder") from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot create {path}") from None
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: torch.save re-raises a writer's failure) is a
+    full disk or an exhausted quota."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _mode_for(path: Path) -> int:
+    """The replaced file's permission bits, or what the umask gives a new file (mkstemp
+    makes it 0600, which would hide a run's files from the rest of a group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    except OSError:
+        return 0
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:

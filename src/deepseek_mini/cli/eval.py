@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
         report: dict[str, Any] = result.to_dict()
         if args.experts:
             report["experts"] = result.usage.to_dict()
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
         return
     print(f"scored {result.tokens:,} tokens ({result.bytes:,} bytes) of {args.data}")
     print(f"ce {result.ce:.4f} nats/token   ppl {result.ppl:.3f}   bpb {result.bpb:.4f}")

@@ -1,5 +1,7 @@
 """The ``deepseek-mini`` command line: every command's arguments here, the work in each
-command's own module. User mistakes end as one ``error: ...`` line and exit status 2."""
+command's own module. User mistakes end as one ``error: ...`` line and exit status 2
+(a full disk: status 28); so do folders the user may not write, whichever command meets
+them."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError
+from ..files import EXIT_DISK_FULL, is_disk_full
 
 # command -> its module in this package, holding ``run(args) -> int | None``; imported only
 # when used, so ``info`` or a config error never waits for torch.
@@ -113,7 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return module.run(args) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except PermissionError as exc:  # a folder or file the user may not write or read
+        print(f"error: permission denied: {exc.filename or exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"error: the disk is full: {exc.filename or exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

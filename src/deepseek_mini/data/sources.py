@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import sys
 import zlib
@@ -29,6 +30,11 @@ from .tokenizer import EOS_TOKEN
 INSTRUCT_DATASET = "roneneldan/TinyStoriesInstruct"
 _EOS_BYTES = EOS_TOKEN.encode()
 _REPLACEMENT_BYTES = "\ufffd".encode()
+MAX_INVALID_FRACTION = 0.2  # of a file's characters; above it the file is not text (random
+# bytes decode to over half U+FFFD, Latin-1 prose to a few per cent)
+DIGEST_WHOLE_BYTES = 4 << 20
+DIGEST_BLOCKS = 64
+DIGEST_BLOCK_BYTES = 64 << 10
 
 
 def warn(message: str) -> None:
@@ -71,12 +77,34 @@ def resolve_files(patterns: list[str]) -> list[Path]:
 
 
 def files_fingerprint(patterns: list[str]) -> list[dict]:
-    """Name, size and modification time of every input file: what invalidates a cache."""
+    """Name, size, modification time and a content digest of every input file: what
+    invalidates a cache. The digest notices an edit that kept the size and restored the
+    time (a checkout, ``touch -r``, a copy with ``cp -p``)."""
     out = []
     for path in resolve_files(patterns):
         st = path.stat()
-        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sample_sha256": sample_digest(path, st.st_size)})
     return out
+
+
+def sample_digest(path: Path, size: int) -> str:
+    """SHA-256 of a file up to ``DIGEST_WHOLE_BYTES``, else of ``DIGEST_BLOCKS`` evenly
+    spaced blocks (first and last included): milliseconds for any size, where hashing a
+    multi-gigabyte corpus on every start would take seconds."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if size <= DIGEST_WHOLE_BYTES:
+                digest.update(f.read())
+            else:
+                last = size - DIGEST_BLOCK_BYTES
+                for i in range(DIGEST_BLOCKS):
+                    f.seek(last * i // (DIGEST_BLOCKS - 1))
+                    digest.update(f.read(DIGEST_BLOCK_BYTES))
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
 
 
 def read_file(path: Path) -> Iterator[str]:
@@ -85,19 +113,35 @@ def read_file(path: Path) -> Iterator[str]:
     is_gzip = path.suffix == ".gz"
     fmt = Path(path.stem).suffix if is_gzip else path.suffix
     reader = _jsonl_documents if fmt == ".jsonl" else _text_documents
+    replaced, count, chars, nuls = [0], 0, 0, 0
     try:
         with (gzip.open(path, "rb") if is_gzip else open(path, "rb")) as f:
-            replaced = [0]
-            count = 0
             for doc in reader(f, path, replaced):
                 count += 1
+                chars += len(doc)
+                nuls += doc.count("\x00")
                 yield doc
     except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
+    _refuse_binary(path, nuls, replaced[0], chars)
     if replaced[0]:
         warn(f"{path}: {replaced[0]} invalid UTF-8 sequence(s) replaced with U+FFFD")
     if count == 0:
         warn(f"{path} holds no text; skipped")
+
+
+def _refuse_binary(path: Path, nuls: int, invalid: int, chars: int) -> None:
+    """The one rule for training and eval alike: a file whose characters are more than
+    ``MAX_INVALID_FRACTION`` NUL bytes or invalid UTF-8 is not text, and is refused; a
+    few bad bytes (a Latin-1 letter) are replaced with a warning."""
+    bad = nuls + invalid
+    if not chars or bad <= MAX_INVALID_FRACTION * chars:
+        return
+    fraction = f"{100 * bad / chars:.0f}% of its characters"
+    if nuls:
+        raise UserError(f"data file {path} is binary, not text: {fraction} are NUL bytes or "
+                        "invalid UTF-8")
+    raise UserError(f"data file {path} is not UTF-8 text: {fraction} are invalid bytes")
 
 
 def reassemble_records(lines: Iterable[str]) -> Iterator[str]:

@@ -4,8 +4,9 @@
 ``<|endoftext|>`` after each document, splits train / validation by document and writes
 two uint16 token files plus a JSON of what they were made from. The cache directory's
 name is derived from everything that decides the split (source, file names, tokenizer,
-seed, fractions); its meta also records file sizes and modification times, so a changed
-input is rebuilt in place and an unchanged one is memory-mapped in well under a second.
+seed, fractions); its meta also records file sizes, modification times and sampled
+digests, so a changed input is rebuilt in place and an unchanged one is memory-mapped in
+well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too.
 
 ``BatchSampler`` draws ``seq_len + 1`` token windows from epoch-wise permutations. Its
 state is two integers, so a resumed run continues with exactly the batches an
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, ensure_dir
 from .sources import documents, files_fingerprint, warn
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -59,6 +60,7 @@ def prepare_data(data: DataConfig, seed: int, vocab_size: int | None = None,
     if max_position is not None and data.seq_len > max_position:
         raise UserError(f"data.seq_len ({data.seq_len}) exceeds model.max_position "
                         f"({max_position}): lower one or raise the other")
+    ensure_dir(data.cache_dir, "data.cache_dir")
     tok = load_tokenizer(data.tokenizer, data.cache_dir, vocab_size)
     if tok.vocab_size > 65536:
         raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens; the uint16 token "
@@ -67,9 +69,13 @@ def prepare_data(data: DataConfig, seed: int, vocab_size: int | None = None,
     key = hashlib.sha256(json.dumps({k: identity[k] for k in _KEY_FIELDS},
                                     sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(data.cache_dir) / "data" / f"{data.source}-{key}"
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_dir(directory, "data.cache_dir")
     with _lock(directory / ".lock"):
         meta = _current_meta(directory, identity)
+        if meta is not None and not _ids_fit(directory, tok.vocab_size):
+            warn(f"rebuilding the token cache {directory}: it holds token ids beyond the "
+                 f"tokenizer's {tok.vocab_size} (a corrupt or foreign train.bin / val.bin)")
+            meta = None
         if meta is None:
             meta = _build(data, seed, tok, identity, directory, progress)
     train, val = _open(directory / "train.bin"), _open(directory / "val.bin")
@@ -364,6 +370,14 @@ def _open(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _ids_fit(directory: Path, vocab_size: int) -> bool:
+    """Every cached id is a token of the vocabulary: a max over the memory-mapped files,
+    about a second per gigabyte, read once per start, where a bad id would be an
+    IndexError deep in the embedding."""
+    return all(len(ids) == 0 or int(ids.max()) < vocab_size
+               for ids in (_open(directory / f"{s}.bin") for s in ("train", "val")))
 
 
 def _check_val_length(val: np.ndarray, data: DataConfig) -> None:

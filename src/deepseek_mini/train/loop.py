@@ -40,7 +40,8 @@ from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
 from .optim import build_optimizer, build_scheduler
-from .precision import Precision, setup_precision
+from .precision import Precision, check_fp16_device, setup_precision
+from .run_folder import claim_for_ranks
 from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
 from .state import Run, initial_model, resume_checkpoint, save
@@ -76,13 +77,20 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> T
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
     parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
-        return _train(cfg, resume, stop_after, precision, parallel)
+        check_fp16_device(precision)
+        folder = claim_for_ranks(Path(cfg.train.out_dir), resume, parallel)
+        try:
+            return _train(cfg, resume, stop_after, precision, parallel,
+                          folder.notes if folder else [])
+        finally:
+            if folder is not None:
+                folder.release()
     finally:
         parallel.close()
 
 
 def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precision,
-           parallel: Parallel) -> TrainResult:
+           parallel: Parallel, notes: list[str]) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
@@ -107,6 +115,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
     log = RunLog(out_dir, enabled=ranks.is_main, resume=resume,
                  total_steps=cfg.train.max_steps, start_step=run.step)
     try:
+        for note in notes:
+            log.info(note)
         evals = (val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
                              cfg.train.eval_batches)
                  if len(data.val) > cfg.data.seq_len else [])
@@ -128,6 +138,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
     peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
     _announce(run, log, ckpt, peak, flops)
     run.window.started = time.perf_counter()
+    first_step, skipped_before = run.step, int(run.window.skipped_total)
     stopping = False
     with StopRequest(log.info) as stop:
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
@@ -156,6 +167,8 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
                 save(run, best=improved, latest=save_latest)
+    _raise_if_all_skipped(run, run.step - first_step,
+                          int(run.window.skipped_total) - skipped_before)
     if stopping:
         log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
                  f"{run.step}; {LATEST} saved (continue with --resume)")
@@ -182,9 +195,6 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
     log.info(f"MFU against a measured peak of {format_flops(peak)} "
              f"({run.precision.name} {peak_source(run.precision)}"
              + (f", x {world} processes)" if world > 1 else ")"))
-    if ckpt is None and (run.out_dir / LATEST).exists():
-        log.info(f"starting afresh in {run.out_dir}: its {LATEST} will be overwritten "
-                 "(--resume continues it instead)")
     if ckpt is None and cfg.train.warm_start is not None:
         log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
                  "and data order start fresh")
@@ -225,6 +235,15 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
                  "tokens_seen": run.tokens_seen, "skipped_steps": skipped})
     window.reset()
     _raise_on_streak(run, streak)
+
+
+def _raise_if_all_skipped(run: Run, steps: int, skipped: int) -> None:
+    """A session that learnt nothing is a failure, even when it never hit the streak
+    limit (``max_steps`` below it): its exit status must say so."""
+    if steps and skipped == steps:
+        raise UserError(f"all {steps} steps of this run were skipped because the loss or "
+                        f"gradient was not finite: lower train.lr ({run.cfg.train.lr:g}) or "
+                        "try train.precision=fp32")
 
 
 def _check_streak(run: Run) -> None:

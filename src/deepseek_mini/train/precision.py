@@ -76,3 +76,11 @@ def setup_precision(cfg: TrainConfig) -> Precision:
         torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
     return Precision(device, name, scaler)
+
+
+def check_fp16_device(precision: Precision) -> None:
+    """fp16 with a GradScaler is a CUDA recipe; ``auto`` never picks it elsewhere, so a
+    run that asked for it on a CPU is told, not quietly run otherwise."""
+    if precision.name == "fp16" and precision.device.type != "cuda":
+        raise UserError(f"train.precision fp16 needs a CUDA device, and this run is on "
+                        f"{precision.device.type}: use bf16, fp32 or auto")

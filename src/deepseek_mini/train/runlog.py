@@ -40,10 +40,14 @@ def continue_metrics(path: Path, step: int) -> int:
     return dropped
 
 
-def _json_value(value: Any) -> Any:
-    """JSON has no inf or NaN; a skipped-step loss is written as null."""
+def json_value(value: Any) -> Any:
+    """JSON has no inf or NaN; a skipped-step loss (at any depth) is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {key: json_value(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
     return value
 
 
@@ -79,8 +83,7 @@ class RunLog:
         if not self.enabled:
             return
         assert self._metrics is not None
-        clean = {key: _json_value(value) for key, value in row.items()}
-        self._metrics.write(json.dumps(clean) + "\n")
+        self._metrics.write(json.dumps(json_value(row), allow_nan=False) + "\n")
         self._metrics.flush()
 
     def advance(self, postfix: str | None = None) -> None:

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import config_differences, load_checkpoint, missing_training_state
+from ..checkpoint import (
+    all_finite,
+    config_differences,
+    load_checkpoint,
+    missing_training_state,
+    state_tensors,
+)
 from ..config import Config
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
@@ -124,6 +130,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _local_state_finite(run: Run) -> bool:
+    """This rank's weights and optimizer state are finite (its shards, under FSDP)."""
+    tensors = [*run.model.parameters(), *run.model.buffers(),
+               *state_tensors(list(run.optimizer.state.values()))]
+    return all_finite(t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+
+
 def resume_checkpoint(cfg: Config, out_dir: Path) -> dict[str, Any]:
     path = out_dir / LATEST
     if not path.is_file():
@@ -163,7 +176,15 @@ def initial_model(cfg: Config, ckpt: dict[str, Any] | None) -> DeepSeekMini:
 
 def save(run: Run, best: bool, latest: bool) -> None:
     """Write ``best.pt`` and / or ``latest.pt``; a collective under FSDP, so every rank
-    calls it and rank 0 writes."""
+    calls it and rank 0 writes. A model with a non-finite weight or optimizer state is
+    never saved: the files from the last good save stay, and the run ends with an error."""
+    if run.parallel.any(not _local_state_finite(run)):
+        kept = [name for name, wanted in ((BEST, best), (LATEST, latest))
+                if wanted and (run.out_dir / name).exists()]
+        raise UserError(f"refusing to save step {run.step}: the model's weights or optimizer "
+                        f"state hold inf or NaN (train.lr is {run.cfg.train.lr:g}); "
+                        + (f"{' and '.join(str(run.out_dir / k) for k in kept)} from the last "
+                           "good save kept" if kept else "nothing was written"))
     state = run.state_dict()  # on every rank: under FSDP it gathers the shards
     if not run.ranks.is_main:
         return
