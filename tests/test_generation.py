@@ -140,8 +140,9 @@ def test_static_cache_decoding_matches_the_prefix_cache(model):
 
 @torch.inference_mode()
 def test_compiled_decode_step_is_traced_once_for_a_whole_generation(model):
-    """Every decode step has the same shapes and no Python value that changes, so dynamo
-    traces it once and reuses the graphs for every later token."""
+    """Every decode step has the same shapes and no Python value that changes, and the
+    experts of a few slots are gathered rather than sorted, so dynamo traces the whole
+    step as one graph, once, and reuses it for every later token."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -156,7 +157,7 @@ def test_compiled_decode_step_is_traced_once_for_a_whole_generation(model):
         return logits
 
     logits = static_decode(model, ids, mask, 12, step)
-    assert graphs_after_step[0] > 0 and set(graphs_after_step) == {graphs_after_step[0]}
+    assert set(graphs_after_step) == {1}  # one graph, no break, never traced again
     torch.testing.assert_close(logits, static_decode(model, ids, mask, 12, decode_one))
 
 def test_a_seed_makes_sampling_repeatable(model):

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from ..config import ModelConfig
 
+GATHER_MAX_SLOTS = 64  # (token, slot) pairs up to which a compiled step gathers weights
+
 
 @dataclass
 class RouterStats:
@@ -113,6 +115,15 @@ class RoutedExperts(nn.Module):
         return grouped_matmul(activate(grouped_matmul(x, self.w_up, counts), gate),
                               self.w_down, counts)
 
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Row ``i`` of ``x`` through expert ``experts[i]``, by batched products over the
+        gathered weights (reads each row's expert once: right for a handful of rows)."""
+        def product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return torch.bmm(rows[:, None], weight[experts])[:, 0]
+
+        gate = product(x, self.w_gate) if self.w_gate is not None else None
+        return product(activate(product(x, self.w_up), gate), self.w_down)
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -139,19 +150,32 @@ class MoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
 
-        flat_expert = chosen.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        token_of_slot = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        expert_out = self.experts(tokens[token_of_slot], counts)
-        # Back to (token, slot) order, then a weighted sum over the k slots: a gather and a
-        # reduction, where index_add_ would enter a parallel region even for one token.
-        by_token = expert_out.index_select(0, order.argsort()).view(-1, self.top_k, shape[-1])
+        by_token, counts = self._expert_outputs(tokens, chosen)
+        # A weighted sum over the k slots: a reduction, where index_add_ would enter a
+        # parallel region even for one token.
         out = (by_token * weights.unsqueeze(-1).to(by_token.dtype)).sum(dim=1)
         if self.shared is not None:
             out = out + self.shared(tokens)
         stats = self._stats(logits, probs, counts) if with_stats else None
         return out.reshape(shape).to(x.dtype), stats
+
+    def _expert_outputs(self, tokens: torch.Tensor,
+                        chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (token, slot)'s expert output [N, k, hidden] and the tokens per expert.
+
+        Sorted by expert, each expert runs one product over its tokens. Under
+        torch.compile a few slots (a decode step) gather their experts' weights instead:
+        no data-dependent shapes, so the step stays one graph."""
+        flat_expert = chosen.reshape(-1)
+        if torch.compiler.is_compiling() and flat_expert.numel() <= GATHER_MAX_SLOTS:
+            slots = tokens.repeat_interleave(self.top_k, dim=0)
+            counts = F.one_hot(flat_expert, self.num_experts).sum(0)
+            return self.experts.gathered(slots, flat_expert).view(*chosen.shape, -1), counts
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)
+        expert_out = self.experts(tokens[order // self.top_k], counts)
+        # back to (token, slot) order: a gather
+        return expert_out.index_select(0, order.argsort()).view(*chosen.shape, -1), counts
 
     def _stats(self, logits: torch.Tensor, probs: torch.Tensor,
                counts: torch.Tensor) -> RouterStats:
