@@ -22,6 +22,7 @@ from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import load_checkpoint
 from deepseek_mini.cli.main import main
 from deepseek_mini.files import atomic_save
+from deepseek_mini.inference.loading import load_for_inference
 from deepseek_mini.train.loop import train
 from deepseek_mini.train.optim import build_optimizer, lr_at
 from deepseek_mini.train.precision import setup_precision
@@ -200,14 +201,18 @@ def test_run_writes_config_logs_metrics_and_loadable_checkpoints(data_overrides,
     assert Config.from_yaml(out / "config.yaml").to_dict() == result_config(out)
     log = (out / "train.log").read_text()
     assert "step      8/8" in log and "sample at step 8" in log and "val ce" in log
+    latest = torch.load(out / "latest.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config",
+            "step", "tokens_seen", "best_val"} <= set(latest)
+    best = torch.load(out / "best.pt", weights_only=True)  # for using the model only
+    assert set(best) == {"model", "config", "step", "best_val"}
+    assert best["config"] == latest["config"]
+    assert best["best_val"] == min(r["val_ce"] for r in eval_rows)
     for name in ("latest.pt", "best.pt"):
-        ckpt = torch.load(out / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config",
-                "step", "tokens_seen", "best_val"} <= set(ckpt)
-    assert torch.load(out / "best.pt", weights_only=True)["best_val"] == min(
-        r["val_ce"] for r in eval_rows)
-    model = DeepSeekMini.from_checkpoint(out / "latest.pt")
-    assert model.config.hidden_size == 32
+        model = DeepSeekMini.from_checkpoint(out / name)
+        assert model.config.hidden_size == 32
+        model, tok, config = load_for_inference(out / name)
+        assert config.to_dict() == latest["config"] and tok.vocab_size == VOCAB
 
 
 def result_config(out: Path) -> dict:

@@ -26,10 +26,11 @@ from ..evaluation import (
 )
 from ..inference.loading import load_for_inference
 from ..train.precision import resolve_device
+from .threads import use_threads
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "max_tokens", "batch_size"):
+    for name in ("seq_len", "max_tokens", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -75,6 +76,7 @@ def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> 
 def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     device = resolve_device(args.device, "--device")
+    use_threads(args.threads, "eval", device)
     docs = read_documents(args.data)
     score_with = _hf_run if args.hf_model else _checkpoint_run
     result = score_with(args, docs, device)

@@ -20,6 +20,7 @@ from ..inference.prompts import completion_text, encode_prompts
 from ..inference.sampling import CLI_NAMES, check_sampling
 from ..inference.streaming import IncrementalDecoder
 from ..train.precision import DTYPES, resolve_device
+from .threads import use_threads
 
 DEFAULT_PROMPT = "Once upon a time"
 STDIN_WAIT_S = 0.5  # how long a non-interactive stdin may stay silent before it counts as empty
@@ -91,6 +92,8 @@ def _read_prompt_file(path: Path) -> list[str]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Argument values, checked before the (slow) checkpoint load."""
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
@@ -120,6 +123,7 @@ def stdout_streamer(tok: Tokenizer) -> tuple[Streamer, Callable[[], None]]:
 def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     device = resolve_device(args.device, "--device")
+    use_threads(args.threads, "decode", device)
     prompts = read_prompts(args)
     model, tok, _ = load_for_inference(args.checkpoint, device, DTYPES[args.dtype],
                                        args.tokenizer)

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import config_differences
 from ..config import Config
 from ..data.instruct import instruct_prompt
 from ..data.tokens import BatchSampler, prepare_data, val_batches
@@ -34,13 +33,15 @@ from ..expert_usage import CollapseWatch, ExpertUsage
 from ..files import CONFIG_FILE, LATEST, METRICS_FILE, atomic_write_text
 from ..inference.generate import generate
 from ..inference.prompts import completion_text
-from ..model.sizes import flops_per_token
+from ..model.sizes import active_params, flops_per_token
 from ..model.transformer import compile_model
+from ..threads import busy_note, set_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, setup_precision
+from .resume import check_changes, keep_schedule
 from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
 from .state import Run, initial_model, resume_checkpoint, save
@@ -64,8 +65,12 @@ class TrainResult:
     out_dir: Path
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
+          allow_changes: bool = False) -> TrainResult:
     """Train as ``cfg`` says; with ``resume``, continue from ``out_dir/latest.pt``.
+
+    A resume refuses settings that change what the run is (data, seed) unless
+    ``allow_changes``, and keeps the run's learning-rate decay (resume.py).
 
     ``stop_after`` ends this session after that many steps, saving ``latest.pt`` as a
     signal would, without touching the schedule (which still runs to ``max_steps``), so a
@@ -74,19 +79,24 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> T
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
+    set_threads(cfg.train.threads, "train", active_params(cfg.model))
     precision = setup_precision(cfg.train)
     parallel = setup(cfg.train, precision)
     try:
-        return _train(cfg, resume, stop_after, precision, parallel)
+        return _train(cfg, resume, stop_after, allow_changes, precision, parallel)
     finally:
         parallel.close()
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precision,
-           parallel: Parallel) -> TrainResult:
+def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: bool,
+           precision: Precision, parallel: Parallel) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
+    changes: list[str] = []
+    if ckpt is not None:
+        changes = check_changes(ckpt["config"], cfg, allow_changes)
+        cfg = keep_schedule(ckpt["config"], cfg)
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
@@ -112,7 +122,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
                              cfg.train.eval_batches)
                  if len(data.val) > cfg.data.seq_len else [])
         stop_step = run.step + stop_after if stop_after is not None else None
-        interrupted = _loop(run, log, evals, data.tokenizer, ckpt, stop_step)
+        interrupted = _loop(run, log, evals, data.tokenizer, ckpt, changes, stop_step)
     finally:
         log.close()
     return TrainResult(run.step, run.tokens_seen, run.best_val, run.last_val, run.last_loss,
@@ -120,14 +130,14 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
 
 
 def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
-          ckpt: dict[str, Any] | None, stop_step: int | None) -> bool:
+          ckpt: dict[str, Any] | None, changes: list[str], stop_step: int | None) -> bool:
     """Steps until ``max_steps``, ``stop_step`` or a signal; True when a signal stopped it."""
     cfg, tcfg = run.cfg, run.cfg.train
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     # Every process drives its own device: the run's peak is the sum.
     peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
-    _announce(run, log, ckpt, peak, flops)
+    _announce(run, log, ckpt, changes, peak, flops)
     run.window.started = time.perf_counter()
     stopping = False
     with StopRequest(log.info) as stop:
@@ -170,8 +180,8 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
     return False
 
 
-def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
-              flops: int) -> None:
+def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[str],
+              peak: float, flops: int) -> None:
     cfg = run.cfg
     n_params = sum(p.numel() for p in run.model.parameters())
     world = run.ranks.world_size
@@ -190,11 +200,17 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
         log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
                  "and data order start fresh")
     if ckpt is not None:
-        changed = [d for section in ("data", "train")
-                   for d in config_differences(ckpt["config"].get(section, {}),
-                                               cfg.to_dict()[section], section)]
         log.info(f"resumed from {run.out_dir / LATEST} at step {run.step}"
-                 + (f"; changed settings: {'; '.join(changed)}" if changed else ""))
+                 + (f"; changed settings: {'; '.join(changes)}" if changes else
+                    "; settings as saved"))
+        if cfg.train.schedule_steps != cfg.train.max_steps:
+            log.info(f"learning rate: the cosine reaches min_lr at step "
+                     f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
+                     f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
+    if run.precision.device.type == "cpu":
+        note = busy_note("--threads N (or train.threads)")
+        if note:
+            log.info(note)
 
 
 def peak_source(precision: Precision) -> str:

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import config_differences, load_checkpoint, missing_training_state
+from ..checkpoint import (
+    config_differences,
+    load_checkpoint,
+    missing_training_state,
+    weights_checkpoint,
+)
 from ..config import Config
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
@@ -86,6 +91,7 @@ class Run:
         self.parallel.load_full_state(self.model, self.optimizer, ckpt["model"],
                                       ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._follow_config_lr()
         self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
@@ -95,6 +101,20 @@ class Run:
         self.elapsed_before = ckpt["elapsed_s"]
         self.window.load_state_dict(ckpt["log_window"])
         self.watch.load_state_dict(ckpt["collapse_watch"])
+
+
+    def _follow_config_lr(self) -> None:
+        """The loaded schedule takes the config's ``lr``: LambdaLR restores the base
+        rates it saved, which would ignore an ``lr`` changed on resume. The same product
+        LambdaLR computes, so an unchanged config resumes bit for bit."""
+        lr = self.cfg.train.lr
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        rates = [base * fn(self.scheduler.last_epoch)
+                 for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas,
+                                     strict=True)]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["initial_lr"], group["lr"] = lr, rate
+        self.scheduler._last_lr = rates
 
 
 def rng_state() -> dict[str, Any]:
@@ -163,11 +183,14 @@ def initial_model(cfg: Config, ckpt: dict[str, Any] | None) -> DeepSeekMini:
 
 def save(run: Run, best: bool, latest: bool) -> None:
     """Write ``best.pt`` and / or ``latest.pt``; a collective under FSDP, so every rank
-    calls it and rank 0 writes."""
+    calls it and rank 0 writes. ``best.pt`` is for using the model: weights, config
+    (whose data.tokenizer names the tokenizer), step and validation CE, a third of
+    ``latest.pt``'s size; only ``latest.pt`` carries the state a resume needs."""
     state = run.state_dict()  # on every rank: under FSDP it gathers the shards
     if not run.ranks.is_main:
         return
     if best:
-        atomic_save(state, run.out_dir / BEST)
+        atomic_save(weights_checkpoint(state["model"], state["config"], step=state["step"],
+                                       best_val=state["best_val"]), run.out_dir / BEST)
     if latest:
         atomic_save(state, run.out_dir / LATEST)
