@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out loss of a checkpoint or a transformers model")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint")
+    source.add_argument("--checkpoint", help="a deepseek-mini checkpoint (best.pt, latest.pt)")
     source.add_argument("--hf-model", help="a transformers causal LM: folder, Hub id or GGUF")
     p.add_argument("--data", required=True, help="text file to score")
     p.add_argument("--seq-len", type=int, default=None,

@@ -1,0 +1,67 @@
+"""What a new user meets: thread counts, defaults in every --help, progress on long work,
+and training samples whose prompt suits the data."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from deepseek_mini.cli.main import build_parser, main
+from deepseek_mini.threads import BIG_MODEL_PARAMS, busy_note, choose_threads, default_threads
+
+
+def test_decoding_takes_one_thread_and_big_steps_every_core():
+    assert default_threads("decode", 10**9, cores=8, load=0.0) == 1
+    assert default_threads("train", 10**6, cores=8, load=0.5) == 8
+    assert default_threads("eval", 10**6, cores=8, load=0.5) == 8
+    # A busy machine: small models on one thread, big steps still on every core.
+    assert default_threads("train", 10**6, cores=2, load=5.0) == 1
+    assert default_threads("eval", 10**6, cores=2, load=5.0) == 1
+    assert default_threads("train", BIG_MODEL_PARAMS, cores=2, load=5.0) == 2
+
+
+def test_a_requested_thread_count_wins(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(3, "decode", 0) == 3
+    assert choose_threads(None, "decode", 0) == 1
+    with pytest.raises(ValueError):
+        choose_threads(0, "train", 0)
+
+
+def test_the_busy_note_names_the_load_and_the_option():
+    assert busy_note("--threads N", load=1.5, cores=2) is None
+    note = busy_note("--threads N", load=6.2, cores=2)
+    assert "6.2" in note and "2 CPU cores" in note and "--threads N" in note
+    assert "\n" not in note
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_help_shows_every_default():
+    for name, parser in _subparsers(build_parser()).items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if (action.option_strings and not action.required
+                    and action.default is not argparse.SUPPRESS):
+                assert action.help, (name, action.dest)
+                assert "%(default)" in formatter._get_help_string(action), (name, action.dest)
+    text = " ".join(_subparsers(build_parser())["generate"].format_help().split())
+    assert "given (default: 0.8)" in text and "tokens to add (default: 200)" in text
+
+
+def test_generate_threads_option_is_honoured(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--checkpoint", str(tmp_path / "none.pt"),
+                     "--threads", "2"]) == 2  # the count is set before the checkpoint fails
+        assert torch.get_num_threads() == 2
+        assert main(["generate", "--checkpoint", "x.pt", "--threads", "0"]) == 2
+        assert "--threads must be positive" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
