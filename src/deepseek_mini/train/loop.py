@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..data.instruct import instruct_prompt
+from ..data.instruct import sample_prompt
 from ..data.tokens import BatchSampler, prepare_data, val_batches
 from ..errors import UserError
 from ..evaluation import deepseek_forward, score
@@ -48,10 +48,8 @@ from .state import Run, initial_model, resume_checkpoint, save
 from .step import train_step
 
 MAX_NONFINITE_STREAK = 10
-SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
-SAMPLE_WORDS = "kick, ball, happy"
-SAMPLE_FEATURES = "Dialogue"
 SAMPLE_TOKENS = 100
+FIRST_DOCUMENT_TOKENS = 512  # enough for an instruct record's fields and a story's opening
 
 
 @dataclass
@@ -122,14 +120,28 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
                              cfg.train.eval_batches)
                  if len(data.val) > cfg.data.seq_len else [])
         stop_step = run.step + stop_after if stop_after is not None else None
-        interrupted = _loop(run, log, evals, data.tokenizer, ckpt, changes, stop_step)
+        prompt = sample_prompt(first_document(data.val if len(data.val) else data.train,
+                                              data.tokenizer))
+        interrupted = _loop(run, log, evals, data.tokenizer, prompt, ckpt, changes,
+                            stop_step)
     finally:
         log.close()
     return TrainResult(run.step, run.tokens_seen, run.best_val, run.last_val, run.last_loss,
                        interrupted, out_dir)
 
 
-def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
+def first_document(tokens: Any, tokenizer: Any) -> str:
+    """The text of the first document in a token split (up to its end-of-text), at most
+    ``FIRST_DOCUMENT_TOKENS`` tokens of it."""
+    ids = [int(t) for t in tokens[:FIRST_DOCUMENT_TOKENS]]
+    while ids and ids[0] == tokenizer.eos_id:
+        ids.pop(0)
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids)
+
+
+def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prompt: str,
           ckpt: dict[str, Any] | None, changes: list[str], stop_step: int | None) -> bool:
     """Steps until ``max_steps``, ``stop_step`` or a signal; True when a signal stopped it."""
     cfg, tcfg = run.cfg, run.cfg.train
@@ -162,7 +174,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
             if evals and (run.step % tcfg.eval_interval == 0 or last):
                 improved = _evaluate(run, log, evals)
             if run.step % tcfg.sample_interval == 0 or last:
-                _sample(run, log, tokenizer)
+                _sample(run, log, tokenizer, prompt)
             stopping = run.parallel.any(stop.requested is not None)
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
@@ -292,13 +304,13 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     return improved
 
 
-def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
-    """A greedy continuation of a fixed prompt: the quickest read of what the model has
-    learnt. Greedy draws no random numbers, so it leaves a resumed run's RNG untouched."""
-    prompt_text = instruct_prompt(SAMPLE_SUMMARY, SAMPLE_WORDS, SAMPLE_FEATURES)
+def _sample(run: Run, log: RunLog, tokenizer: Any, prompt_text: str) -> None:
+    """A greedy continuation of a prompt from the held-out data (``sample_prompt``): the
+    quickest read of what the model has learnt. Greedy draws no random numbers, so it
+    leaves a resumed run's RNG untouched."""
     prompt = torch.tensor([tokenizer.encode(prompt_text)], device=run.precision.device)
     room = min(SAMPLE_TOKENS, run.cfg.model.max_position - prompt.shape[1])
-    if room <= 0:
+    if room <= 0 or prompt.shape[1] == 0:
         return
     run.model.eval()  # on every rank: under FSDP each forward gathers from all of them
     ids = generate(run.model, prompt, max_new_tokens=room, temperature=0.0,
@@ -307,8 +319,8 @@ def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
     if not run.ranks.is_main:
         return
     text = completion_text(tokenizer, ids[0, prompt.shape[1]:].tolist())
-    log.info(f"sample at step {run.step} (greedy, after the prompt's Summary: "
-             f"{SAMPLE_SUMMARY!r}):{text}")
+    log.info(f"sample at step {run.step} (greedy, from a validation document's opening):\n"
+             f"{prompt_text}{text}")
 
 
 def _fmt(value: float | None) -> str:
