@@ -2,14 +2,15 @@
 
 torch starts one thread per physical core. Every OpenMP barrier waits for the slowest
 thread, and on a machine whose other work keeps the cores busy that thread is often
-descheduled. Measured (BENCHMARKS.md, "issue 17"): decoding, a chain of small
-matrix-vector products, is faster on one thread even on a quiet machine; evaluation and
-training steps gain from every core on a quiet machine and lose on a busy one, where
-small models run faster on one thread. So the default is one thread for decoding, every
-physical core for evaluation and training, and one thread for them too when the load
-average at start-up exceeds the cores and the model is under ``BIG_MODEL_PARAMS``.
-``OMP_NUM_THREADS`` in the environment is the user's choice and is kept. Nothing here
-prints: commands print ``busy_note``'s line themselves.
+descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "issue 17"): decoding, a chain of
+small matrix-vector products, is faster on one thread even on a quiet machine (1.6x for
+the tiny model, 1.1x for the reference one); evaluation and training steps are 1.6-1.7x
+faster on both cores of a quiet machine, and on a busy one (load average above the core
+count) one thread wins, by 10x for a reference-model training step. So the default is
+one thread for decoding, and for evaluation and training every physical core unless the
+load average at start-up exceeds the cores, then one. ``OMP_NUM_THREADS`` in the
+environment is the user's choice and is kept. Nothing here prints: commands print
+``busy_note``'s line themselves.
 """
 
 from __future__ import annotations
@@ -21,25 +22,20 @@ import torch
 
 Work = Literal["decode", "eval", "train"]
 
-# Active (per-token) parameters from which a step has work enough per barrier to keep
-# every core on a busy machine (the reference model, ~135 M; the tiny one is 6.5 M).
-BIG_MODEL_PARAMS = 50_000_000
 # torch's start-up count, one per physical core (or OMP_NUM_THREADS), read at import,
 # before anything here changes it.
 STARTUP_THREADS = torch.get_num_threads()
 
 
-def default_threads(work: Work, active_params: int, cores: int, load: float) -> int:
-    """The thread count measured fastest for ``work`` on a model of ``active_params``
-    with ``cores`` physical cores at a 1-minute load average of ``load``."""
-    if work == "decode":
-        return 1
-    if load > cores and active_params < BIG_MODEL_PARAMS:
+def default_threads(work: Work, cores: int, load: float) -> int:
+    """The thread count measured fastest for ``work`` with ``cores`` physical cores at a
+    1-minute load average of ``load``."""
+    if work == "decode" or load > cores:
         return 1
     return cores
 
 
-def choose_threads(requested: int | None, work: Work, active_params: int) -> int:
+def choose_threads(requested: int | None, work: Work) -> int:
     """``requested``, else ``OMP_NUM_THREADS`` when set, else ``default_threads``."""
     if requested is not None:
         if requested < 1:
@@ -47,12 +43,12 @@ def choose_threads(requested: int | None, work: Work, active_params: int) -> int
         return requested
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         return STARTUP_THREADS
-    return default_threads(work, active_params, STARTUP_THREADS, load_average())
+    return default_threads(work, STARTUP_THREADS, load_average())
 
 
-def set_threads(requested: int | None, work: Work, active_params: int = 0) -> int:
+def set_threads(requested: int | None, work: Work) -> int:
     """Set torch's intra-op thread count as ``choose_threads`` says; returns it."""
-    threads = choose_threads(requested, work, active_params)
+    threads = choose_threads(requested, work)
     torch.set_num_threads(threads)
     return threads
 

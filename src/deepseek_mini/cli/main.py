@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="let --resume change what the run is (data, tokenizer, seq_len, "
                         "seed); the model can never change")
-    _add_threads(p, "1 thread for models under 50M active parameters, else every "
-                    "physical core; overrides train.threads")
+    _add_threads(p, "every physical core, or 1 when the load average exceeds the "
+                    "cores; overrides train.threads")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps of this session, saving latest.pt "
                         "(the schedule still runs to train.max_steps; continue with --resume)")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (None: the checkpoint's; SmolLM2's to count --max-tokens "
                         "for --hf-model)")
-    _add_threads(p, "1 thread")
+    _add_threads(p, "every physical core, or 1 when the load average exceeds the cores")
 
     p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of a config")
     _add_config(p)

@@ -10,11 +10,10 @@ import torch
 from ..threads import Work, busy_note, set_threads
 
 
-def use_threads(threads: int | None, work: Work, device: torch.device,
-                active_params: int = 0) -> int:
+def use_threads(threads: int | None, work: Work, device: torch.device) -> int:
     """Set ``--threads`` (None: the measured default for ``work``) and print the note a
     busy machine gets; returns the count."""
-    count = set_threads(threads, work, active_params)
+    count = set_threads(threads, work)
     note = busy_note("--threads N") if device.type == "cpu" else None
     if note:
         print(note, file=sys.stderr)

@@ -33,7 +33,7 @@ from ..expert_usage import CollapseWatch, ExpertUsage
 from ..files import CONFIG_FILE, LATEST, METRICS_FILE, atomic_write_text
 from ..inference.generate import generate
 from ..inference.prompts import completion_text
-from ..model.sizes import active_params, flops_per_token
+from ..model.sizes import flops_per_token
 from ..model.transformer import compile_model
 from ..threads import busy_note, set_threads
 from .distributed import Parallel, setup
@@ -77,7 +77,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    set_threads(cfg.train.threads, "train", active_params(cfg.model))
+    set_threads(cfg.train.threads, "train")
     precision = setup_precision(cfg.train)
     parallel = setup(cfg.train, precision)
     try:
