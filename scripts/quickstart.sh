@@ -15,6 +15,20 @@ deepseek-mini train --config configs/tiny.yaml
 deepseek-mini plot runs/tiny
 echo
 echo "=== a sample from runs/tiny/best.pt ==="
+# The demo model learned the demo corpus's record layout and small grammar: give it the
+# fields of such a record (its features, words and summary), not free prose.
 deepseek-mini generate --checkpoint runs/tiny/best.pt \
-  --features Dialogue --words "ball, park, happy" --summary "Tom loses his ball in the park and a friend helps him find it." \
+  --features Dialogue --words "excited, fly, kite" \
+  --summary "Daisy's kite gets stuck in a tree, and Ella helps her get it down with a stick." \
   --max-new-tokens 160 --temperature 0.5 --top-k 50 --seed 0
+cat <<'NEXT'
+
+The demo corpus is synthetic: it teaches the record layout, not real stories. To train on
+real data, either
+  TinyStoriesInstruct from the Hugging Face Hub (needs the network):
+    deepseek-mini train --config configs/tiny.yaml --set data.source=tinystories-instruct \
+        --set data.max_documents=200000 --set train.out_dir=runs/tiny-instruct
+  or local TinyStories text files (stories separated by <|endoftext|>):
+    deepseek-mini train --config configs/tiny.yaml --set data.source=files \
+        --set 'data.files=[path/to/TinyStories-*.txt]' --set train.out_dir=runs/tiny-stories
+NEXT

@@ -146,6 +146,7 @@ def test_compiled_decode_step_is_traced_once_for_a_whole_generation(model):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()  # other tests' graphs
     seqs = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12])]
     ids, mask = left_pad(seqs, pad=7)
     compiled = compiled_decode_one("eager")

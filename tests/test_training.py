@@ -22,6 +22,7 @@ from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import load_checkpoint
 from deepseek_mini.cli.main import main
 from deepseek_mini.files import atomic_save
+from deepseek_mini.inference.loading import load_for_inference
 from deepseek_mini.train.loop import train
 from deepseek_mini.train.optim import build_optimizer, lr_at
 from deepseek_mini.train.precision import setup_precision
@@ -200,14 +201,18 @@ def test_run_writes_config_logs_metrics_and_loadable_checkpoints(data_overrides,
     assert Config.from_yaml(out / "config.yaml").to_dict() == result_config(out)
     log = (out / "train.log").read_text()
     assert "step      8/8" in log and "sample at step 8" in log and "val ce" in log
+    latest = torch.load(out / "latest.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config",
+            "step", "tokens_seen", "best_val"} <= set(latest)
+    best = torch.load(out / "best.pt", weights_only=True)  # for using the model only
+    assert set(best) == {"model", "config", "step", "best_val"}
+    assert best["config"] == latest["config"]
+    assert best["best_val"] == min(r["val_ce"] for r in eval_rows)
     for name in ("latest.pt", "best.pt"):
-        ckpt = torch.load(out / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config",
-                "step", "tokens_seen", "best_val"} <= set(ckpt)
-    assert torch.load(out / "best.pt", weights_only=True)["best_val"] == min(
-        r["val_ce"] for r in eval_rows)
-    model = DeepSeekMini.from_checkpoint(out / "latest.pt")
-    assert model.config.hidden_size == 32
+        model = DeepSeekMini.from_checkpoint(out / name)
+        assert model.config.hidden_size == 32
+        model, tok, config = load_for_inference(out / name)
+        assert config.to_dict() == latest["config"] and tok.vocab_size == VOCAB
 
 
 def result_config(out: Path) -> dict:
@@ -353,3 +358,67 @@ def test_a_corrupt_checkpoint_is_a_user_error_whatever_its_bytes(tmp_path, conte
     path.write_bytes(content)
     with pytest.raises(UserError, match=f"cannot load checkpoint {path}"):
         load_checkpoint(path)
+
+
+def _cli_train(data_overrides: list[str], *args: str) -> list[str]:
+    argv = ["train"]
+    for item in data_overrides:
+        argv += ["--set", item]
+    return [*argv, *args]
+
+
+def test_resume_run_dir_continues_with_the_saved_config_and_lists_changes(
+        data_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_cli_train(data_overrides, "--config", str(TINY_YAML), "--set",
+                           f"train.out_dir={out}", "--set", "data.val_fraction=0.1",
+                           "--stop-after", "2")) == 0
+    # No --config: the run's own config, so data.val_fraction stays 0.1 unrepeated.
+    assert main(["train", "--resume", str(out), "--stop-after", "2",
+                 "--set", "train.log_interval=1"]) == 0
+    log = capsys.readouterr().out
+    assert "changed settings: train.log_interval: 2 -> 1" in log
+    assert result_config(out)["data"]["val_fraction"] == 0.1
+    assert load_checkpoint(out / "latest.pt")["step"] == 4
+    # A setting that changes what the run is: refused, then allowed.
+    assert main(["train", "--resume", str(out), "--set", "train.seed=7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.seed: 1337 -> 7" in err[0] and "--allow-changes" in err[0]
+    assert main(["train", "--resume", str(out), "--set", "data.val_fraction=0.2",
+                 "--stop-after", "1", "--allow-changes"]) == 0
+    assert "data.val_fraction: 0.1 -> 0.2" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no config.yaml in" in capsys.readouterr().err
+
+
+def test_resume_with_a_config_refuses_a_different_data_source(data_overrides, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(data_overrides, out, "train.max_steps=1"))
+    with pytest.raises(UserError, match=r"data\.demo_stories: 300 -> 200.*--allow-changes"):
+        train(tiny_config(data_overrides, out, "data.demo_stories=200"), resume=True)
+
+
+def test_raising_max_steps_on_resume_keeps_the_decay_and_extends_at_min_lr(data_overrides,
+                                                                          tmp_path):
+    out = tmp_path / "run"
+    steps = ["train.log_interval=1", "train.eval_interval=100", "train.save_interval=100"]
+    train(tiny_config(data_overrides, out, *steps))  # 8 steps: the cosine ends at step 8
+    result = train(tiny_config(data_overrides, out, *steps, "train.max_steps=12"),
+                   resume=True)
+    assert result.step == 12
+    lrs = {r["step"]: r["lr"] for r in read_rows(out) if "lr" in r}
+    cfg = tiny_config(data_overrides, out).train
+    assert lrs[8] == pytest.approx(lr_at(7, cfg))
+    assert [lrs[s] for s in range(9, 13)] == pytest.approx([cfg.min_lr] * 4)
+    assert result_config(out)["train"]["decay_steps"] == 8
+    assert "stays at" in (out / "train.log").read_text()
+
+
+def test_train_threads_sets_torch_threads_and_is_logged(data_overrides, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(tiny_config(data_overrides, tmp_path, "train.max_steps=1", "train.threads=2"))
+        assert torch.get_num_threads() == 2
+        assert "linear on 2 CPU threads" in (tmp_path / "train.log").read_text()
+    finally:
+        torch.set_num_threads(before)

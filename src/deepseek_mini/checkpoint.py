@@ -1,9 +1,11 @@
 """The checkpoint format, in one place: what a checkpoint holds, and reading one safely.
 
 A checkpoint is a plain dict of tensors and primitives. Every checkpoint has ``model``
-(the state dict) and ``config`` (the run's config as a dict); a training checkpoint
-(``latest.pt``, ``best.pt``) also has the ``TRAINING_STATE`` entries that ``--resume``
-needs (train/state.py fills and reads them). Writing is ``files.atomic_save``; reading
+(the state dict) and ``config`` (the run's config as a dict, whose ``data.tokenizer``
+names the tokenizer); a training checkpoint (``latest.pt``) also has the
+``TRAINING_STATE`` entries that ``--resume`` needs (train/state.py fills and reads
+them). ``best.pt`` and warm-start files are weights checkpoints: model and config, plus
+a few primitives (``step``, ``best_val``). Writing is ``files.atomic_save``; reading
 is ``torch.load(weights_only=True)``, which refuses anything that could run code. A
 checkpoint never holds a non-finite weight: ``all_finite`` is the check, made before a
 save and after a load.
@@ -27,7 +29,7 @@ TRAINING_STATE = frozenset({"optimizer", "scheduler", "scaler", "sampler", "rng"
 
 def weights_checkpoint(model_state: dict[str, Any], config: dict[str, Any],
                        **extra: Any) -> dict[str, Any]:
-    """A checkpoint without training state: what warm start writes."""
+    """A checkpoint without training state: what warm start and ``best.pt`` hold."""
     return {"model": model_state, "config": config, **extra}
 
 

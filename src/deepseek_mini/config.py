@@ -106,6 +106,7 @@ class TrainConfig:
     batch_size: int = 8
     micro_batch_size: int = 8
     max_steps: int = 10000
+    decay_steps: int | None = None  # where the cosine reaches min_lr; None: max_steps
     lr: float = 3.0e-4
     min_lr: float = 3.0e-5
     warmup_steps: int = 20
@@ -120,6 +121,7 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
@@ -128,11 +130,19 @@ class TrainConfig:
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval")
         _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        for key in ("threads", "decay_steps"):
+            if getattr(self, key) is not None:
+                _positive(self, key)
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The step at which the cosine reaches ``min_lr`` (flat after it)."""
+        return self.max_steps if self.decay_steps is None else self.decay_steps
 
     @property
     def grad_accum_steps(self) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from .data.sources import read_file
 from .data.tokenizer import EOS_TOKEN, Tokenizer
 from .errors import UserError
 from .expert_usage import ExpertUsage
+from .progress import Progress
 
 ENCODE_CHUNK = 256  # documents tokenized per call while filling a --max-tokens budget
 
@@ -212,13 +212,10 @@ def score(forward: Forward, batches: Iterable[torch.Tensor], device: torch.devic
 def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: int,
              device: torch.device, n_bytes: int, progress: bool = True) -> EvalResult:
     """Sum the negative log-likelihood of every token of ``stream`` after the first."""
-    from tqdm import tqdm
-
     total = len(stream) - 1
     if total < 1:
         raise UserError("nothing to score: the text is shorter than two tokens")
-    with tqdm(total=total, unit="tok", desc="eval", file=sys.stderr,
-              disable=None if progress else True) as bar:
+    with Progress(total, "eval", unit="tokens", enabled=progress) as bar:
         totals = score(forward, window_batches(stream, seq_len, batch_size), device,
                        bar.update)
     return EvalResult(float(totals.nll), total, n_bytes, totals.usage())

@@ -26,10 +26,11 @@ from ..evaluation import (
 )
 from ..inference.loading import load_for_inference
 from ..train.precision import resolve_device
+from .threads import print_note, use_threads
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "max_tokens", "batch_size"):
+    for name in ("seq_len", "max_tokens", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -43,18 +44,20 @@ def check_seq_len(seq_len: int, max_position: int | None) -> None:
         raise UserError(f"--seq-len {seq_len} exceeds the model's max_position {max_position}")
 
 
-def _checkpoint_run(args: argparse.Namespace, docs: list[str],
-                    device: torch.device) -> EvalResult:
+def _checkpoint_run(args: argparse.Namespace, docs: list[str], device: torch.device,
+                    note: str | None) -> EvalResult:
     model, tok, config = load_for_inference(args.checkpoint, device, tokenizer=args.tokenizer)
     seq_len = args.seq_len or config.data.seq_len
     check_seq_len(seq_len, model.config.max_position)
     segments = select_segments(docs, tok, args.max_tokens)
     stream = token_stream(segments, tok.encode_batch, tok.eos_id)
+    print_note(note)
     return evaluate(deepseek_forward(model), stream, seq_len, args.batch_size, device,
                     count_bytes(segments))
 
 
-def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> EvalResult:
+def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device,
+            note: str | None) -> EvalResult:
     model, hf_tok = load_hf_model(args.hf_model)
     model.to(device)
     seq_len = args.seq_len or DataConfig.seq_len
@@ -68,6 +71,7 @@ def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> 
         return hf_tok(texts, add_special_tokens=False)["input_ids"]
 
     stream = token_stream(segments, encode_batch, hf_separator(hf_tok, args.hf_model))
+    print_note(note)
     return evaluate(hf_forward(model), stream, seq_len, args.batch_size, device,
                     count_bytes(segments))
 
@@ -75,9 +79,10 @@ def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device) -> 
 def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     device = resolve_device(args.device, "--device")
+    note = use_threads(args.threads, "eval", device)
     docs = read_documents(args.data)
     score_with = _hf_run if args.hf_model else _checkpoint_run
-    result = score_with(args, docs, device)
+    result = score_with(args, docs, device, note)
     if args.json:
         report: dict[str, Any] = result.to_dict()
         if args.experts:

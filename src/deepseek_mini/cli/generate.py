@@ -20,6 +20,7 @@ from ..inference.prompts import completion_text, encode_prompts
 from ..inference.sampling import CLI_NAMES, check_sampling
 from ..inference.streaming import IncrementalDecoder
 from ..train.precision import DTYPES, resolve_device
+from .threads import print_note, use_threads
 
 DEFAULT_PROMPT = "Once upon a time"
 STDIN_WAIT_S = 0.5  # how long a non-interactive stdin may stay silent before it counts as empty
@@ -91,6 +92,8 @@ def _read_prompt_file(path: Path) -> list[str]:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Argument values, checked before the (slow) checkpoint load."""
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be positive, got {args.threads}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
@@ -122,6 +125,7 @@ def stdout_streamer(tok: Tokenizer) -> tuple[Streamer, Callable[[], None]]:
 def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     device = resolve_device(args.device, "--device")
+    note = use_threads(args.threads, "decode", device)
     prompts = read_prompts(args)
     model, tok, _ = load_for_inference(args.checkpoint, device, DTYPES[args.dtype],
                                        args.tokenizer)
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"note: generating at most {max_new} new tokens: the prompt ({ids.shape[1]} "
               f"tokens) and --max-new-tokens {args.max_new_tokens} exceed model.max_position "
               f"{model.config.max_position}", file=sys.stderr)
+    print_note(note)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, use_cache=not args.no_cache, eos_id=tok.eos_id,
                    compile=args.compile, attention_mask=mask)

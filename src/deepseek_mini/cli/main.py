@@ -28,15 +28,28 @@ HANDLERS = {
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every ``--help`` shows each option's default; errors are one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, as for every user error
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (defaults for every missing key)")
+    p.add_argument("--config", help="YAML config file (defaults for every missing key; "
+                                     "none: every key at its default)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key; the value is read as YAML (repeatable)")
+
+
+def _add_threads(p: argparse.ArgumentParser, default_is: str) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU threads for torch (None: {default_is}, as measured fastest; "
+                        "OMP_NUM_THREADS is kept when set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model")
     _add_config(p)
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/latest.pt")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with its saved config (--set changes "
+                        "only what it names); without RUN_DIR: train.out_dir's run, with "
+                        "--config's settings if given")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="let --resume change what the run is (data, tokenizer, seq_len, "
+                        "seed); the model can never change")
+    _add_threads(p, "every physical core, or 1 when the load average exceeds the "
+                    "cores; overrides train.threads")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps of this session, saving latest.pt "
                         "(the schedule still runs to train.max_steps; continue with --resume)")
@@ -60,43 +81,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="TinyStoriesInstruct prompt: the story's summary")
     p.add_argument("--words", help="TinyStoriesInstruct prompt: words the story must use")
     p.add_argument("--features", help="TinyStoriesInstruct prompt: e.g. Dialogue, BadEnding")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 = greedy; above 0 every run differs unless --seed is given")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample within this much probability mass")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence "
                                                            "each step (for checking)")
     p.add_argument("--compile", action="store_true",
-                   help="run the decode step through torch.compile (a static cache; pays "
-                        "only for long generations, see BENCHMARKS.md)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+                   help="run the decode step through torch.compile (a static cache; see "
+                        "BENCHMARKS.md for where it pays)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to decode")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weight dtype for decoding")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (None: the checkpoint's)")
+    _add_threads(p, "1 thread")
 
     p = sub.add_parser("eval", help="held-out loss of a checkpoint or a transformers model")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint")
+    source.add_argument("--checkpoint", help="a deepseek-mini checkpoint (best.pt, latest.pt)")
     source.add_argument("--hf-model", help="a transformers causal LM: folder, Hub id or GGUF")
     p.add_argument("--data", required=True, help="text file to score")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (None: the checkpoint's data.seq_len, or 128)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score only the leading documents worth this many tokens "
+                        "(None: the whole file)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--experts", action="store_true", help="print per-layer expert usage")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (None: the checkpoint's; SmolLM2's to count --max-tokens "
+                        "for --hf-model)")
+    _add_threads(p, "every physical core, or 1 when the load average exceeds the cores")
 
     p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of a config")
     _add_config(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("prepare", help="tokenize the data into the cache")
     _add_config(p)
 
     p = sub.add_parser("plot", help="draw a run's metrics as PNG files")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder (train.out_dir)")
 
     p = sub.add_parser("warm-start", help="build the model from SmolLM2-135M's weights")
     _add_config(p)

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..config import DataConfig
 from ..errors import UserError
 from ..files import atomic_write_text, ensure_dir
+from ..progress import Progress
 from .sources import documents, files_fingerprint, warn
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -217,13 +217,12 @@ def _build(data: DataConfig, seed: int, tok: Tokenizer, identity: dict, director
     total = data.demo_stories if data.source == "demo" else None
     if total is not None and data.max_documents is not None:
         total = min(total, data.max_documents)
-    bar = tqdm(total=total, unit="doc", desc=f"tokenizing {data.source}",
-               disable=not progress, dynamic_ncols=True)
+    bar = Progress(total, f"tokenizing {data.source}", unit="documents", enabled=progress)
     with split, bar:
         for tokens, lengths in _tokenize(docs, tok, data.num_workers):
             split.add(tokens, lengths)
             bar.update(len(lengths))
-            bar.set_postfix(tokens=f"{split.total_tokens:,}", refresh=False)
+            bar.set_postfix(f"tokens={split.total_tokens:,}")
         if split.documents == 0:
             raise UserError(f"data.source {data.source!r} yielded no documents")
         split.ensure_both_splits()

@@ -85,9 +85,13 @@ def warm_start_model(cfg: Config, source: str | None = None,
     return result.model
 
 
-def warm_start(cfg: ModelConfig, weights: SmolLM2Weights, seed: int = 0) -> WarmStart:
+def warm_start(cfg: ModelConfig, weights: SmolLM2Weights, seed: int = 0,
+               on_layer: Callable[[], None] | None = None) -> WarmStart:
     """Build ``DeepSeekMini(cfg)`` (its own init for what stays random) and fill it from
-    ``weights``. Shapes that cannot map raise UserError naming the config key."""
+    ``weights``. Shapes that cannot map raise UserError naming the config key.
+    ``on_layer`` is called after each layer's attention and each layer's experts (2 x
+    num_layers calls), for a progress bar."""
+    tick = on_layer or (lambda: None)
     geo = weights.geometry
     _check_compatible(cfg, geo, weights.source)
     result = WarmStart(DeepSeekMini(cfg), weights.source)
@@ -105,12 +109,14 @@ def warm_start(cfg: ModelConfig, weights: SmolLM2Weights, seed: int = 0) -> Warm
             record(f"layers.{i}.moe_norm.weight", "copied", "post_attention_layernorm.weight")
             energies.append(_map_attention(layer.attn, layer_src, cfg, geo, placement,
                                            record.under(f"layers.{i}.attn.")))
+            tick()
         result.approximations = _approximations(cfg, geo) + _latent_loss(cfg, energies)
         noise = 0.0 if result.function_preserving else EXPERT_NOISE
         generator = torch.Generator().manual_seed(seed)
         for i, layer in enumerate(model.layers):
             _map_moe(layer.moe, _layer_state(src, i), cfg, noise, generator,
                      record.under(f"layers.{i}.moe."))
+            tick()
     return result
 
 

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import config_differences
 from ..config import Config
-from ..data.instruct import instruct_prompt
+from ..data.instruct import sample_prompt
 from ..data.tokens import BatchSampler, prepare_data, val_batches
 from ..errors import UserError
 from ..evaluation import deepseek_forward, score
@@ -36,11 +35,13 @@ from ..inference.generate import generate
 from ..inference.prompts import completion_text
 from ..model.sizes import flops_per_token
 from ..model.transformer import compile_model
+from ..threads import busy_note, set_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, check_fp16_device, setup_precision
+from .resume import check_changes, keep_schedule
 from .run_folder import claim_for_ranks
 from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
@@ -48,10 +49,8 @@ from .state import Run, initial_model, resume_checkpoint, save
 from .step import train_step
 
 MAX_NONFINITE_STREAK = 10
-SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
-SAMPLE_WORDS = "kick, ball, happy"
-SAMPLE_FEATURES = "Dialogue"
 SAMPLE_TOKENS = 100
+FIRST_DOCUMENT_TOKENS = 512  # enough for an instruct record's fields and a story's opening
 
 
 @dataclass
@@ -65,8 +64,12 @@ class TrainResult:
     out_dir: Path
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
+          allow_changes: bool = False) -> TrainResult:
     """Train as ``cfg`` says; with ``resume``, continue from ``out_dir/latest.pt``.
+
+    A resume refuses settings that change what the run is (data, seed) unless
+    ``allow_changes``, and keeps the run's learning-rate decay (resume.py).
 
     ``stop_after`` ends this session after that many steps, saving ``latest.pt`` as a
     signal would, without touching the schedule (which still runs to ``max_steps``), so a
@@ -75,12 +78,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> T
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
+    set_threads(cfg.train.threads, "train")
     parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
         check_fp16_device(precision)
         folder = claim_for_ranks(Path(cfg.train.out_dir), resume, parallel)
         try:
-            return _train(cfg, resume, stop_after, precision, parallel,
+            return _train(cfg, resume, stop_after, allow_changes, precision, parallel,
                           folder.notes if folder else [])
         finally:
             if folder is not None:
@@ -89,11 +93,15 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> T
         parallel.close()
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precision,
-           parallel: Parallel, notes: list[str]) -> TrainResult:
+def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: bool,
+           precision: Precision, parallel: Parallel, notes: list[str]) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
+    changes: list[str] = []
+    if ckpt is not None:
+        changes = check_changes(ckpt["config"], cfg, allow_changes)
+        cfg = keep_schedule(ckpt["config"], cfg)
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
@@ -121,22 +129,36 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
                              cfg.train.eval_batches)
                  if len(data.val) > cfg.data.seq_len else [])
         stop_step = run.step + stop_after if stop_after is not None else None
-        interrupted = _loop(run, log, evals, data.tokenizer, ckpt, stop_step)
+        prompt = sample_prompt(first_document(data.val if len(data.val) else data.train,
+                                              data.tokenizer))
+        interrupted = _loop(run, log, evals, data.tokenizer, prompt, ckpt, changes,
+                            stop_step)
     finally:
         log.close()
     return TrainResult(run.step, run.tokens_seen, run.best_val, run.last_val, run.last_loss,
                        interrupted, out_dir)
 
 
-def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
-          ckpt: dict[str, Any] | None, stop_step: int | None) -> bool:
+def first_document(tokens: Any, tokenizer: Any) -> str:
+    """The text of the first document in a token split (up to its end-of-text), at most
+    ``FIRST_DOCUMENT_TOKENS`` tokens of it."""
+    ids = [int(t) for t in tokens[:FIRST_DOCUMENT_TOKENS]]
+    while ids and ids[0] == tokenizer.eos_id:
+        ids.pop(0)
+    if tokenizer.eos_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids)
+
+
+def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prompt: str,
+          ckpt: dict[str, Any] | None, changes: list[str], stop_step: int | None) -> bool:
     """Steps until ``max_steps``, ``stop_step`` or a signal; True when a signal stopped it."""
     cfg, tcfg = run.cfg, run.cfg.train
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     # Every process drives its own device: the run's peak is the sum.
     peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
-    _announce(run, log, ckpt, peak, flops)
+    _announce(run, log, ckpt, changes, peak, flops)
     run.window.started = time.perf_counter()
     first_step, skipped_before = run.step, int(run.window.skipped_total)
     stopping = False
@@ -162,7 +184,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
             if evals and (run.step % tcfg.eval_interval == 0 or last):
                 improved = _evaluate(run, log, evals)
             if run.step % tcfg.sample_interval == 0 or last:
-                _sample(run, log, tokenizer)
+                _sample(run, log, tokenizer, prompt)
             stopping = run.parallel.any(stop.requested is not None)
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
@@ -182,8 +204,8 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any,
     return False
 
 
-def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
-              flops: int) -> None:
+def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[str],
+              peak: float, flops: int) -> None:
     cfg = run.cfg
     n_params = sum(p.numel() for p in run.model.parameters())
     world = run.ranks.world_size
@@ -199,11 +221,17 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, peak: float,
         log.info(f"warm start: model weights from {cfg.train.warm_start}; optimizer, schedule "
                  "and data order start fresh")
     if ckpt is not None:
-        changed = [d for section in ("data", "train")
-                   for d in config_differences(ckpt["config"].get(section, {}),
-                                               cfg.to_dict()[section], section)]
         log.info(f"resumed from {run.out_dir / LATEST} at step {run.step}"
-                 + (f"; changed settings: {'; '.join(changed)}" if changed else ""))
+                 + (f"; changed settings: {'; '.join(changes)}" if changes else
+                    "; settings as saved"))
+        if cfg.train.schedule_steps != cfg.train.max_steps:
+            log.info(f"learning rate: the cosine reaches min_lr at step "
+                     f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
+                     f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
+    if run.precision.device.type == "cpu":
+        note = busy_note("--threads N (or train.threads)")
+        if note:
+            log.info(note)
 
 
 def peak_source(precision: Precision) -> str:
@@ -294,13 +322,13 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     return improved
 
 
-def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
-    """A greedy continuation of a fixed prompt: the quickest read of what the model has
-    learnt. Greedy draws no random numbers, so it leaves a resumed run's RNG untouched."""
-    prompt_text = instruct_prompt(SAMPLE_SUMMARY, SAMPLE_WORDS, SAMPLE_FEATURES)
+def _sample(run: Run, log: RunLog, tokenizer: Any, prompt_text: str) -> None:
+    """A greedy continuation of a prompt from the held-out data (``sample_prompt``): the
+    quickest read of what the model has learnt. Greedy draws no random numbers, so it
+    leaves a resumed run's RNG untouched."""
     prompt = torch.tensor([tokenizer.encode(prompt_text)], device=run.precision.device)
     room = min(SAMPLE_TOKENS, run.cfg.model.max_position - prompt.shape[1])
-    if room <= 0:
+    if room <= 0 or prompt.shape[1] == 0:
         return
     run.model.eval()  # on every rank: under FSDP each forward gathers from all of them
     ids = generate(run.model, prompt, max_new_tokens=room, temperature=0.0,
@@ -309,8 +337,8 @@ def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
     if not run.ranks.is_main:
         return
     text = completion_text(tokenizer, ids[0, prompt.shape[1]:].tolist())
-    log.info(f"sample at step {run.step} (greedy, after the prompt's Summary: "
-             f"{SAMPLE_SUMMARY!r}):{text}")
+    log.info(f"sample at step {run.step} (greedy, from a validation document's opening):\n"
+             f"{prompt_text}{text}")
 
 
 def _fmt(value: float | None) -> str:

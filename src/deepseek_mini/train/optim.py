@@ -29,12 +29,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warm-up to ``lr``
-    over ``warmup_steps``, then a cosine down to ``min_lr`` at ``max_steps``, then flat."""
+    over ``warmup_steps``, then a cosine down to ``min_lr`` at ``schedule_steps``
+    (``decay_steps``, else ``max_steps``), then flat."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps:
+    end = cfg.schedule_steps
+    if step >= end:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 

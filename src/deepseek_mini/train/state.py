@@ -24,6 +24,7 @@ from ..checkpoint import (
     load_checkpoint,
     missing_training_state,
     state_tensors,
+    weights_checkpoint,
 )
 from ..config import Config
 from ..errors import UserError
@@ -92,6 +93,7 @@ class Run:
         self.parallel.load_full_state(self.model, self.optimizer, ckpt["model"],
                                       ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._follow_config_lr()
         self.precision.scaler.load_state_dict(ckpt["scaler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
@@ -101,6 +103,20 @@ class Run:
         self.elapsed_before = ckpt["elapsed_s"]
         self.window.load_state_dict(ckpt["log_window"])
         self.watch.load_state_dict(ckpt["collapse_watch"])
+
+
+    def _follow_config_lr(self) -> None:
+        """The loaded schedule takes the config's ``lr``: LambdaLR restores the base
+        rates it saved, which would ignore an ``lr`` changed on resume. The same product
+        LambdaLR computes, so an unchanged config resumes bit for bit."""
+        lr = self.cfg.train.lr
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        rates = [base * fn(self.scheduler.last_epoch)
+                 for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas,
+                                     strict=True)]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["initial_lr"], group["lr"] = lr, rate
+        self.scheduler._last_lr = rates
 
 
 def rng_state() -> dict[str, Any]:
@@ -176,8 +192,11 @@ def initial_model(cfg: Config, ckpt: dict[str, Any] | None) -> DeepSeekMini:
 
 def save(run: Run, best: bool, latest: bool) -> None:
     """Write ``best.pt`` and / or ``latest.pt``; a collective under FSDP, so every rank
-    calls it and rank 0 writes. A model with a non-finite weight or optimizer state is
-    never saved: the files from the last good save stay, and the run ends with an error."""
+    calls it and rank 0 writes. ``best.pt`` is for using the model: weights, config
+    (whose data.tokenizer names the tokenizer), step and validation CE, a third of
+    ``latest.pt``'s size; only ``latest.pt`` carries the state a resume needs. A model
+    with a non-finite weight or optimizer state is never saved: the files from the last
+    good save stay, and the run ends with an error."""
     if run.parallel.any(not _local_state_finite(run)):
         kept = [name for name, wanted in ((BEST, best), (LATEST, latest))
                 if wanted and (run.out_dir / name).exists()]
@@ -189,6 +208,7 @@ def save(run: Run, best: bool, latest: bool) -> None:
     if not run.ranks.is_main:
         return
     if best:
-        atomic_save(state, run.out_dir / BEST)
+        atomic_save(weights_checkpoint(state["model"], state["config"], step=state["step"],
+                                       best_val=state["best_val"]), run.out_dir / BEST)
     if latest:
         atomic_save(state, run.out_dir / LATEST)

@@ -1,0 +1,23 @@
+"""``--threads`` for the commands that compute on a CPU (train, generate, eval, serve):
+the count set, and the busy-machine note, which a command prints on stderr once its
+arguments and files have been checked (a user error stays one line)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..threads import Work, busy_note, set_threads
+
+
+def use_threads(threads: int | None, work: Work, device: torch.device) -> str | None:
+    """Set ``--threads`` (None: the measured default for ``work``); returns the note a
+    busy machine gets, for ``print_note`` when the work starts."""
+    set_threads(threads, work)
+    return busy_note("--threads N") if device.type == "cpu" else None
+
+
+def print_note(note: str | None) -> None:
+    if note:
+        print(note, file=sys.stderr)

@@ -1,0 +1,64 @@
+"""What a resumed run may change, and how its schedule continues.
+
+A resume continues the run that was started: the settings that make it that run (the
+model, the data and how it is split and tokenized, the seed) stay as they were unless
+the user says ``--allow-changes``; schedule, logging and checkpoint settings may change,
+and every change is listed. The model can never change: the weights would not fit.
+
+Raising (or lowering) ``train.max_steps`` on resume does not re-stretch the cosine: the
+decay keeps the horizon the run started with (``train.decay_steps``) and the steps past
+it run at ``min_lr``, so the learning rate never rises again. Setting
+``train.decay_steps`` on the command line is how to ask for a new horizon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..checkpoint import config_differences
+from ..config import Config
+from ..errors import UserError
+
+# Data keys that do not change which tokens the run sees, in which order.
+DATA_FREE = frozenset({"cache_dir", "num_workers"})
+IDENTITY_TRAIN = frozenset({"seed"})
+
+
+def run_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str]]:
+    """(changes that alter what the run is, other changes), each ``key: old -> new``."""
+    current = cfg.to_dict()
+    identity: list[str] = []
+    other: list[str] = []
+    for section in ("data", "train"):
+        old, new = saved.get(section, {}), current[section]
+        free = DATA_FREE if section == "data" else set(new) - IDENTITY_TRAIN
+        for key in sorted(set(old) | set(new)):
+            if old.get(key, new.get(key)) == new.get(key):
+                continue  # equal, or a key the saved config predates at its default
+            target = other if key in free else identity
+            target.extend(config_differences({key: old.get(key)}, {key: new.get(key)},
+                                             section))
+    return identity, other
+
+
+def check_changes(saved: dict[str, Any], cfg: Config, allow_changes: bool) -> list[str]:
+    """Every change from the saved config, listed; a change of what the run is raises
+    unless ``allow_changes``."""
+    identity, other = run_changes(saved, cfg)
+    if identity and not allow_changes:
+        raise UserError(f"--resume would change what the run is: {'; '.join(identity)} "
+                        "(drop these settings to continue the run as it was, or pass "
+                        "--allow-changes)")
+    return identity + other
+
+
+def keep_schedule(saved: dict[str, Any], cfg: Config) -> Config:
+    """``cfg`` with the decay horizon the run started with, unless ``cfg`` sets a new one."""
+    old = saved.get("train", {})
+    horizon = old.get("decay_steps") or old.get("max_steps")
+    if cfg.train.decay_steps is not None or horizon is None:
+        return cfg
+    if horizon == cfg.train.max_steps:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, decay_steps=horizon))
