@@ -22,9 +22,11 @@ class LatentCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int, latent_size: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, rope_size: int = 0) -> None:
         self.latents = torch.zeros(num_layers, batch_size, max_len, latent_size,
                                    device=device, dtype=dtype)
+        self.rope_keys = (torch.zeros(num_layers, batch_size, max_len, rope_size,
+                                      device=device, dtype=dtype) if rope_size else None)
         self.positions = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.length = 0
@@ -61,6 +63,12 @@ class LatentCache:
         """Store this forward's latents for ``layer``; return all of its latents so far."""
         self.latents[layer, :, self.start:self.length] = latent
         return self.latents[layer, :, :self.length]
+
+    def update_with_rope(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for a latent and its rotated rope key; returns all of both so far."""
+        self.rope_keys[layer, :, self.start:self.length] = rope_key
+        return self.update(layer, latent), self.rope_keys[layer, :, :self.length]
 
     def key_positions(self) -> torch.Tensor:
         return self.positions[:, :self.length]
