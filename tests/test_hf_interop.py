@@ -13,7 +13,6 @@ import transformers
 from tiny_run import SMALL_MODEL, TINY_YAML, VOCAB, small_config, tiny_overrides
 
 from deepseek_mini import Config
-
 from deepseek_mini.checkpoint import weights_checkpoint
 from deepseek_mini.cli.main import main
 from deepseek_mini.errors import UserError
@@ -22,7 +21,6 @@ from deepseek_mini.inference.generate import generate
 from deepseek_mini.interop.hf_export import export
 from deepseek_mini.interop.hf_import import import_deepseek_v3
 from deepseek_mini.model.transformer import DeepSeekMini
-
 
 V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swiglu",
       "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "q_lora_rank": 24,
@@ -49,7 +47,7 @@ def checkpoint(tmp_path: Path, overrides: list[str], model: dict, seed: int = 0
     torch.manual_seed(seed)
     net = DeepSeekMini(cfg.model).eval()
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             p.add_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.1))
         for name, b in net.named_buffers():
             if name.endswith("expert_bias"):

@@ -122,8 +122,8 @@ class ModelConfig:
             raise ConfigError(f"model.topk_group ({self.topk_group}) must not exceed "
                               f"model.n_group ({self.n_group})")
         if self.top_k > self.topk_group * per_group:
-            raise ConfigError(f"model.top_k ({self.top_k}) exceeds the {self.topk_group * per_group}"
-                              " experts of model.topk_group groups")
+            raise ConfigError(f"model.top_k ({self.top_k}) exceeds the "
+                              f"{self.topk_group * per_group} experts of model.topk_group groups")
         if self.router != "sigmoid":
             raise ConfigError("model.n_group / model.topk_group need model.router: sigmoid")
 
