@@ -132,3 +132,20 @@ def test_seed_checkpoint_keys_are_unchanged():
 def test_new_keys_are_checked(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         small_config(**{key: value, **({"router": "sigmoid"} if key == "n_group" else {})})
+
+
+def test_static_cache_decoding_matches_the_eager_cache():
+    """The compiled decode step's static cache holds the rope keys too."""
+    torch.manual_seed(4)
+    model = lively(DeepSeekMini(small_config(**V3).model))
+    ids = torch.randint(0, 256, (2, 5))
+    logits = []
+    for static in (False, True):
+        cache = model.new_cache(2, 12, static=static)
+        with torch.no_grad():
+            out = [model(ids, cache=cache).logits[:, -1]]
+            for t in range(6):
+                out.append(model(torch.full((2, 1), t + 1), cache=cache,
+                                 positions=torch.full((2, 1), 5 + t)).logits[:, -1])
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from deepseek_mini import Config, DeepSeekMini, UserError, generate
 from deepseek_mini.cli.main import main
 from deepseek_mini.data.instruct import instruct_prompt
 from deepseek_mini.files import atomic_save
+from deepseek_mini.inference.generate import compiled_decode_one, decode_one, prefill
 from deepseek_mini.inference.sampling import next_token, top_k_filter, top_p_filter
 from deepseek_mini.inference.streaming import IncrementalDecoder
 
@@ -109,6 +110,54 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(model):
         alone = generate(model, seq[None], max_new_tokens=12)
         assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(seq):])
 
+
+
+def static_decode(model, ids, mask, steps, step, static=True):
+    """Greedy decoding by hand: prefill, then ``step`` (decode_one, compiled or not) token
+    by token over a static (or a prefix) cache; the logits of every step."""
+    batch, prompt_len = ids.shape
+    cache = model.new_cache(batch, prompt_len + steps, static=static)
+    positions = (mask.sum(-1, keepdim=True) + torch.arange(steps))
+    logits = [prefill(model, ids, cache, (mask.cumsum(-1) - 1).clamp_min(0), mask)]
+    for i in range(steps - 1):
+        token = logits[-1].argmax(-1, keepdim=True)
+        logits.append(step(model, token, cache, positions[:, i:i + 1]))
+    return torch.stack(logits, 1)
+
+
+@torch.inference_mode()
+def test_static_cache_decoding_matches_the_prefix_cache(model):
+    """The static cache (whole buffer under a mask) gives the eager cache's logits at every
+    step, with left padding."""
+    seqs = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12])]
+    ids, mask = left_pad(seqs, pad=7)
+    static = static_decode(model, ids, mask, 10, decode_one)
+    tokens = generate(model, ids, max_new_tokens=10, attention_mask=mask)[:, ids.shape[1]:]
+    assert torch.equal(static.argmax(-1), tokens)
+    prefix = static_decode(model, ids, mask, 10, decode_one, static=False)
+    torch.testing.assert_close(static, prefix)
+
+
+@torch.inference_mode()
+def test_compiled_decode_step_is_traced_once_for_a_whole_generation(model):
+    """Every decode step has the same shapes and no Python value that changes, so dynamo
+    traces it once and reuses the graphs for every later token."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    seqs = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12])]
+    ids, mask = left_pad(seqs, pad=7)
+    compiled = compiled_decode_one("eager")
+    graphs_after_step = []
+
+    def step(*args):
+        logits = compiled(*args)
+        graphs_after_step.append(counters["stats"]["unique_graphs"])
+        return logits
+
+    logits = static_decode(model, ids, mask, 12, step)
+    assert graphs_after_step[0] > 0 and set(graphs_after_step) == {graphs_after_step[0]}
+    torch.testing.assert_close(logits, static_decode(model, ids, mask, 12, decode_one))
 
 def test_a_seed_makes_sampling_repeatable(model):
     prompt = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(5))
@@ -322,6 +371,7 @@ def test_the_generate_script_runs_as_a_subprocess(checkpoint):
     (["--summary", "caf\udce9"], "prompt 1 is not UTF-8 text"),
     (["--prompt", "word " * 80], "tokens long but the model reads at most 64"),
     (["--prompt", "a", "--summary", "b"], "drop --prompt"),
+    (["--compile", "--no-cache"], "--compile compiles the cached decode step"),
 ])
 def test_cli_rejects_bad_arguments(checkpoint, capsys, args, message):
     code, out, err = run(capsys, "--checkpoint", str(checkpoint), *args)

@@ -94,6 +94,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
+    if args.compile and args.no_cache:
+        raise UserError("--compile compiles the cached decode step: drop --no-cache")
 
 
 def stdout_streamer(tok: Tokenizer) -> tuple[Streamer, Callable[[], None]]:
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
               f"{model.config.max_position}", file=sys.stderr)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, use_cache=not args.no_cache, eos_id=tok.eos_id,
-                   attention_mask=mask)
+                   compile=args.compile, attention_mask=mask)
     if len(prompts) == 1:
         stream, finish = stdout_streamer(tok)
         sys.stdout.write(prompts[0])

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence "
                                                            "each step (for checking)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (a static cache; pays "
+                        "only for long generations, see BENCHMARKS.md)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weight dtype for decoding")

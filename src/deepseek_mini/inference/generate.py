@@ -1,8 +1,8 @@
-"""Sampling from the model: ``generate``.
+"""Sampling from the model: ``generate``, made of ``prefill`` and ``decode_one``.
 
-The prompt is run through the model once (prefill), filling a preallocated MLA latent
-cache; then each step feeds only the newest token. Prompts of different lengths share a
-batch by left padding: ``attention_mask`` marks the real tokens, no token attends to
+The prompt is run through the model once (``prefill``), filling a preallocated MLA latent
+cache; then each step (``decode_one``) feeds only the newest token. Prompts of different
+lengths share a batch by left padding: ``attention_mask`` marks the real tokens, no token attends to
 padding, and each token's RoPE position is its index among its row's real tokens, so every
 row gets exactly the tokens it would get alone. ``use_cache=False`` recomputes the whole
 sequence at every step instead, the reference the cache is checked against.
@@ -10,10 +10,13 @@ sequence at every step instead, the reference the cache is checked against.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
+from ..model.cache import LatentCache
+from ..model.moe import exclude_from_compile
 from ..model.transformer import DeepSeekMini
 from .sampling import SamplingError, check_sampling, next_token
 
@@ -26,7 +29,7 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
              *, seed: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, eos_id: int | None = None,
              attention_mask: torch.Tensor | None = None,
-             streamer: Streamer | None = None) -> torch.Tensor:
+             streamer: Streamer | None = None, compile: bool = False) -> torch.Tensor:
     """Continue ``prompt_ids`` [B, T]; returns ``[B, T + n]`` ids, ``n <= max_new_tokens``.
 
     ``temperature`` 0 is greedy; otherwise logits are divided by it and filtered by
@@ -34,11 +37,14 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     ``seed``, or torch's global one). ``attention_mask`` [B, T] (1 = real token) allows
     left padding. A row that produces ``eos_id`` is finished and continues with
     ``eos_id``; generation stops once every row is. ``streamer`` receives each step's
-    tokens [B]. Bad arguments raise ``SamplingError`` (a ValueError and a UserError).
+    tokens [B]. ``compile`` runs the decode step through ``torch.compile`` over a static
+    cache. Bad arguments raise ``SamplingError`` (a ValueError and a UserError).
     """
     check_sampling(temperature, top_k, top_p)
     if seed is not None and generator is not None:
         raise SamplingError("give a seed or a generator, not both")
+    if compile and not use_cache:
+        raise SamplingError("compile needs the cache (use_cache=True)")
     device = model.device
     prompt_ids = prompt_ids.to(device)
     mask, padded = _check_prompt(model, prompt_ids, attention_mask, max_new_tokens)
@@ -56,15 +62,13 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     if padded:
         full_mask = torch.ones_like(ids)
         full_mask[:, :prompt_len] = mask
-    cache = model.new_cache(batch, total) if use_cache else None
+    cache = model.new_cache(batch, total, static=compile) if use_cache else None
+    step = compiled_decode_one() if compile else decode_one
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    start = 0  # first token to feed: all of them without a cache, the newest with one
+    logits = prefill(model, ids[:, :prompt_len], cache, positions[:, :prompt_len],
+                     None if full_mask is None else full_mask[:, :prompt_len])
     for end in range(prompt_len, total):
-        window = slice(start, end)
-        logits = model(ids[:, window], cache=cache, positions=positions[:, window],
-                       attention_mask=None if full_mask is None else full_mask[:, window],
-                       logits_to_keep=1).logits[:, -1]
         token = next_token(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
@@ -72,11 +76,37 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
         ids[:, end] = token
         if streamer is not None:
             streamer(token)
-        if eos_id is not None and bool(finished.all()):
+        if (eos_id is not None and bool(finished.all())) or end + 1 == total:
             return ids[:, :end + 1]
-        if cache is not None:
-            start = end
+        if cache is None:  # the reference: the whole sequence again
+            logits = prefill(model, ids[:, :end + 1], None, positions[:, :end + 1],
+                             None if full_mask is None else full_mask[:, :end + 1])
+        else:
+            logits = step(model, ids[:, end:end + 1], cache, positions[:, end:end + 1])
     return ids
+
+
+def prefill(model: DeepSeekMini, ids: torch.Tensor, cache: LatentCache | None,
+            positions: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Run the prompt [B, T] through the model, filling ``cache``; the next-token logits
+    [B, V] of its last position."""
+    return model(ids, cache=cache, positions=positions, attention_mask=attention_mask,
+                 logits_to_keep=1).logits[:, -1]
+
+
+def decode_one(model: DeepSeekMini, token: torch.Tensor, cache: LatentCache,
+               position: torch.Tensor) -> torch.Tensor:
+    """One token per row [B, 1] at ``position`` [B, 1] against the cache; next-token
+    logits [B, V]."""
+    return model(token, cache=cache, positions=position, logits_to_keep=1).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_one(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """``decode_one`` through ``torch.compile``, made once per process and backend (its
+    graphs are kept per model and shape), the grouped expert product left to eager mode."""
+    exclude_from_compile()
+    return torch.compile(decode_one, backend=backend, dynamic=False)
 
 
 def _check_prompt(model: DeepSeekMini, prompt_ids: torch.Tensor,

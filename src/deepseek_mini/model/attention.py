@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA).
 
-Each token is squeezed into one small latent (``hidden / kv_compression`` values); keys and
+Each token is squeezed into one small latent (``kv_latent_dim`` values); keys and
 values are rebuilt from it by two up-projections into ``num_kv_heads`` heads shared by
 all query heads (GQA). Only the latent needs caching during generation.
 
@@ -11,9 +11,9 @@ none). ``v_up`` could be folded into ``o_proj`` (per head ``W_o,h · W_v``), but
 head whose width equals the latent's, that saves only the ``S x latent x head_dim`` V
 product per layer while making the output projection per-head. So each decoding step
 recomputes ``k_up`` and ``v_up`` over the ``S`` cached latents and rotates the keys: about
-``2 * S * latent * kv_heads * head_dim`` multiply-adds per layer — 2.1 M at S = 200 for the
-base model against its 6 M weights read per layer per token — for a cache half the size of a
-K/V cache of the same heads (72 values per token per layer instead of 144).
+``2 * S * latent * kv_heads * head_dim`` multiply-adds per layer, small next to the layer's
+weights read per token (BENCHMARKS.md), for a cache of ``latent`` values per token per
+layer instead of ``2 * kv_heads * head_dim``.
 """
 
 from __future__ import annotations

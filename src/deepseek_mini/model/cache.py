@@ -1,9 +1,18 @@
 """The MLA latent cache: per layer, the per-token latent and nothing else.
 
-K and V are rebuilt from the cached latents at every step (see attention.py for why and
-what it costs), so the cache holds ``latent_size`` values per token per layer instead of
+K and V are rebuilt from the cached latents at every step (see attention.py for why), so
+the cache holds ``kv_latent_dim`` values per token per layer instead of
 ``2 * num_kv_heads * head_dim``. Buffers are allocated once, at the largest length the
 generation may reach, and every later write goes into them in place.
+
+Two ways to read it back. Eager decoding attends to the filled prefix only (``length``,
+a Python int). A *static* cache (``static=True``) serves ``torch.compile``: one-token
+steps write at a slot held in a tensor and attend to the whole buffer under a mask, so
+every step has the same shapes and no Python value changes between steps (gpt-fast's
+design); the prompt is still prefilled the eager way.
+
+The decoupled-RoPE attention (latent_rope_attention.py) also keeps each token's rotated
+rope key, in a second buffer of ``rope_size`` values per token per layer.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ class LatentCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int, latent_size: int,
-                 device: torch.device | str, dtype: torch.dtype, rope_size: int = 0) -> None:
+                 device: torch.device | str, dtype: torch.dtype, static: bool = False,
+                 rope_size: int = 0) -> None:
         self.latents = torch.zeros(num_layers, batch_size, max_len, latent_size,
                                    device=device, dtype=dtype)
         self.rope_keys = (torch.zeros(num_layers, batch_size, max_len, rope_size,
@@ -32,6 +42,10 @@ class LatentCache:
         self.length = 0
         self.start = 0
         self.has_padding = False
+        self.static = static
+        # static steps: the next slot to write, on the device
+        self.slot = torch.zeros(1, device=device, dtype=torch.long)
+        self._slots = torch.arange(max_len, device=device)
 
     @property
     def max_len(self) -> int:
@@ -41,6 +55,10 @@ class LatentCache:
     def batch_size(self) -> int:
         return self.latents.shape[1]
 
+    def _stepping(self, steps: int) -> bool:
+        """Whether a forward of ``steps`` tokens takes the static path."""
+        return self.static and steps == 1 and self.length > 0
+
     def append(self, positions: torch.Tensor, valid: torch.Tensor | None) -> None:
         """Reserve slots for the next ``T`` tokens of every row; call once per forward.
 
@@ -49,6 +67,11 @@ class LatentCache:
         batch, steps = positions.shape
         if batch != self.batch_size:
             raise ValueError(f"cache holds {self.batch_size} rows; got a batch of {batch}")
+        if self._stepping(steps):
+            self.positions.index_copy_(1, self.slot, positions)
+            self.valid.index_fill_(1, self.slot, True)
+            self.slot += 1
+            return
         if self.length + steps > self.max_len:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length + steps} needed")
         self.start, self.length = self.length, self.length + steps
@@ -58,24 +81,40 @@ class LatentCache:
         else:
             self.valid[:, self.start:self.length] = valid.bool()
             self.has_padding = True
+        self.slot.fill_(self.length)
 
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Store this forward's latents for ``layer``; return all of its latents so far."""
+        """Store this forward's latents for ``layer``; return all of its latents so far (the
+        whole buffer on the static path, where the mask hides what is not yet written)."""
+        if self._stepping(latent.shape[1]):
+            self.latents[layer].index_copy_(1, self.slot - 1, latent)
+            return self.latents[layer]
         self.latents[layer, :, self.start:self.length] = latent
         return self.latents[layer, :, :self.length]
 
     def update_with_rope(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``update`` for a latent and its rotated rope key; returns all of both so far."""
+        if self._stepping(latent.shape[1]):
+            self.rope_keys[layer].index_copy_(1, self.slot - 1, rope_key)
+            return self.update(layer, latent), self.rope_keys[layer]
         self.rope_keys[layer, :, self.start:self.length] = rope_key
         return self.update(layer, latent), self.rope_keys[layer, :, :self.length]
 
-    def key_positions(self) -> torch.Tensor:
-        return self.positions[:, :self.length]
+    def continues(self, steps: int) -> bool:
+        """Whether the ``steps`` tokens just appended follow tokens already cached (a
+        decoding step rather than the prefill)."""
+        return self._stepping(steps) or self.start > 0
 
-    def attention_mask(self) -> torch.Tensor | None:
-        """Boolean ``[B, 1, T, S]`` mask for the tokens just appended, or None when every
-        query may see every cached key (one new token and no padding anywhere)."""
-        if self.length - self.start == 1 and not self.has_padding:
+    def key_positions(self, steps: int) -> torch.Tensor:
+        return self.positions if self._stepping(steps) else self.positions[:, :self.length]
+
+    def attention_mask(self, steps: int) -> torch.Tensor | None:
+        """Boolean ``[B, 1, T, S]`` mask for the ``steps`` tokens just appended, or None when
+        every query may see every cached key (one new token and no padding anywhere)."""
+        if self._stepping(steps):
+            seen = self.valid & (self._slots < self.slot)
+            return seen[:, None, None, :]
+        if steps == 1 and not self.has_padding:
             return None
         return padded_causal_mask(self.valid[:, :self.length], self.start)

@@ -69,7 +69,7 @@ class LatentRopeAttention(nn.Module):
         latent, k_rope = self.kv_down(x).split([self.latent, self.rope], dim=-1)
         latent = self.kv_norm(latent)
         k_rope = apply_rope(k_rope[:, None], *rope_q)[:, 0]  # keys of this forward's tokens
-        absorbed = cache is not None and cache.start > 0
+        absorbed = cache is not None and cache.continues(steps)
         if cache is not None:
             latent, k_rope = cache.update_with_rope(self.layer_index, latent, k_rope)
         if absorbed:

@@ -92,7 +92,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 def exclude_from_compile() -> None:
     """Make torch.compile leave ``grouped_matmul`` to eager mode. Done when a model is
     compiled, not by decorating it: ``torch.compiler.disable`` imports torch._dynamo, which
-    would add about 2 s to every command."""
+    would add seconds to every command."""
     global grouped_matmul
     if not getattr(grouped_matmul, "_excluded_from_compile", False):
         grouped_matmul = torch.compiler.disable(grouped_matmul)

@@ -142,9 +142,9 @@ class DeepSeekMini(nn.Module):
             cache.append(positions, attention_mask)
             # The decoupled rope key is rotated once, when cached: only the seed's needs
             # every cached position's table.
-            rope_k = (self._rope(cache.key_positions()) if self.config.attention == "latent"
-                      else rope_q)
-            mask = cache.attention_mask()
+            rope_k = (self._rope(cache.key_positions(steps))
+                      if self.config.attention == "latent" else rope_q)
+            mask = cache.attention_mask(steps)
         else:
             rope_k = rope_q
             if attention_mask is not None:
@@ -179,12 +179,14 @@ class DeepSeekMini(nn.Module):
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
-    def new_cache(self, batch_size: int, max_len: int,
-                  dtype: torch.dtype | None = None) -> LatentCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  static: bool = False) -> LatentCache:
+        """An empty cache for ``max_len`` tokens per row (``static``: for a compiled
+        decode step, see cache.py)."""
         cfg = self.config
         rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
         return LatentCache(cfg.num_layers, batch_size, max_len, cfg.kv_latent_dim, self.device,
-                           dtype or self.embed.weight.dtype, rope_size)
+                           dtype or self.embed.weight.dtype, static, rope_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"

@@ -21,6 +21,7 @@ file in the single-process layout, so any number of processes can resume them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
@@ -191,15 +192,15 @@ def _by_name(state: dict[str, Any], group_names: list[list[str]]) -> dict[str, A
             "param_groups": groups}
 
 
-def setup(cfg: TrainConfig, precision: Precision) -> Parallel:
-    """The process group torchrun's environment describes, for ``train.parallel``; moves
-    ``precision`` to this rank's device. Refuses launches that cannot work."""
+def setup(cfg: TrainConfig, precision: Precision) -> tuple[Parallel, Precision]:
+    """The process group torchrun's environment describes, for ``train.parallel``, and
+    ``precision`` on this rank's device. Refuses launches that cannot work."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.parallel == "none":
         if world_size > 1:
             raise UserError(f"launched as {world_size} processes but train.parallel is 'none': "
                             "set train.parallel=ddp or fsdp")
-        return Parallel()
+        return Parallel(), precision
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
         raise UserError(f"train.parallel={cfg.parallel} needs a torchrun launch "
@@ -209,13 +210,14 @@ def setup(cfg: TrainConfig, precision: Precision) -> Parallel:
     _check_combination(cfg, precision, ranks)
     if precision.device.type == "cuda":
         torch.cuda.set_device(ranks.local_rank)
-        precision.device = torch.device("cuda", ranks.local_rank)
+        precision = dataclasses.replace(precision,
+                                        device=torch.device("cuda", ranks.local_rank))
         dist.init_process_group("nccl", device_id=precision.device)
         control = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
         control = None
-    return Parallel(cfg.parallel, ranks, control)
+    return Parallel(cfg.parallel, ranks, control), precision
 
 
 def _check_combination(cfg: TrainConfig, precision: Precision, ranks: Ranks) -> None:

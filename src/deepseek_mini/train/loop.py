@@ -74,8 +74,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None) -> T
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    precision = setup_precision(cfg.train)
-    parallel = setup(cfg.train, precision)
+    parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
         return _train(cfg, resume, stop_after, precision, parallel)
     finally:

@@ -2,7 +2,7 @@
 
 The peak is measured, not looked up: a square ``F.linear`` (the kernel the model's
 layers call) in the run's compute dtype, timed for half a second at start-up, best run
-kept; on a CPU without bf16 instructions ``torch.mm`` in bf16 takes a ten times slower
+kept; on a CPU without bf16 instructions ``torch.mm`` in bf16 takes a far slower
 path than ``F.linear``, so the product the model actually runs is the one to time. On a
 CPU that is the only honest figure (it depends on the core count, the vector units and
 how busy the machine is: on a shared machine MFU is against what it gave at start-up);

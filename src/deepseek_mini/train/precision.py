@@ -1,7 +1,7 @@
 """Where and in what number format training runs: device, autocast dtype, GradScaler.
 
 ``auto`` picks bf16 only where the hardware really has it (CUDA with bf16, or a CPU with
-native bf16 instructions): emulated bf16 on an AVX2-only CPU is tens of times slower than
+native bf16 instructions): emulated bf16 on an AVX2-only CPU is far slower than
 fp32. Else fp16 on CUDA (with a GradScaler, since fp16 gradients underflow), else fp32.
 Weights and optimizer state stay fp32 in every mode; autocast only lowers the matmuls.
 """
