@@ -254,8 +254,21 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
     return cfg
 
 
+# Keys added after checkpoints were first written, with the value that reproduces the
+# older model (their defaults): a stored config without them means exactly that.
+ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
+                    "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
+                    "dense_hidden")
+
+
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """A stored model section in today's keys (``kv_compression`` -> ``kv_latent_dim``)."""
+    """A stored model section in today's keys (``kv_compression`` -> ``kv_latent_dim``;
+    keys added since, at the defaults that mean the older model)."""
+    missing = [k for k in ADDED_MODEL_KEYS if k not in raw]
+    if missing:
+        defaults = ModelConfig()
+        raw = {**raw, **{k: getattr(defaults, k) for k in missing}}
     if "kv_compression" not in raw:
         return raw
     raw = dict(raw)
