@@ -183,3 +183,18 @@ def test_launches_that_cannot_work_are_one_error_line(overrides, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
+
+
+@needs_fork
+def test_sigmoid_router_biases_under_ddp_follow_the_global_load(overrides, tmp_path):
+    """Each rank moves its biases by the loads summed over ranks: two DDP processes end
+    with the biases of one process that saw the whole batch."""
+    v3 = [*overrides, "model.router=sigmoid", "model.bias_update_rate=0.01"]
+    one_process(train_args(v3, tmp_path / "one"))
+    two_processes(train_args(v3, tmp_path / "two", "--set", "train.parallel=ddp"))
+    one = load_checkpoint(tmp_path / "one" / "latest.pt")["model"]
+    two = load_checkpoint(tmp_path / "two" / "latest.pt")["model"]
+    biases = [k for k in one if k.endswith("expert_bias")]
+    assert len(biases) == 2 and all(one[k].abs().sum() > 0 for k in biases)
+    for key in biases:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6, msg=key)

@@ -48,10 +48,35 @@ class ModelConfig:
     z_loss_coef: float = 0.001
     tie_embeddings: bool = True
     norm_eps: float = 1.0e-5
+    # DeepSeek-V2/V3 layout (the defaults keep the seed's).
+    attention: str = "latent"
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 48
+    qk_rope_head_dim: int = 24
+    v_head_dim: int = 72
+    router: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1.0e-3
+    n_group: int = 1
+    topk_group: int = 1
+    seq_aux_loss_coef: float = 0.0
+    first_k_dense: int = 0
+    dense_hidden: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Width RoPE rotates: the whole head (seed) or the decoupled rope key."""
+        return self.qk_rope_head_dim if self.attention == "latent_rope" else self.head_dim
+
+    @property
+    def dense_width(self) -> int:
+        """A leading dense layer's MLP width; by default as wide as the experts a token
+        runs in an MoE layer, so a dense layer costs what an MoE layer does."""
+        return self.dense_hidden or (self.top_k + self.num_shared_experts) * self.expert_hidden
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -71,6 +96,37 @@ class ModelConfig:
             raise ConfigError(f"model.top_k ({self.top_k}) must not exceed model.num_experts "
                               f"({self.num_experts})")
         _one_of(self, "expert_activation", ("gelu", "swiglu"))
+        _one_of(self, "attention", ("latent", "latent_rope"))
+        _one_of(self, "router", ("softmax", "sigmoid"))
+        _positive(self, "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                  "routed_scaling_factor", "n_group", "topk_group")
+        _non_negative(self, "q_lora_rank", "bias_update_rate", "seq_aux_loss_coef",
+                      "first_k_dense", "dense_hidden")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
+                              "for RoPE")
+        if self.first_k_dense >= self.num_layers:
+            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
+                              f"model.num_layers ({self.num_layers}): at least one MoE layer")
+        self._validate_groups()
+
+    def _validate_groups(self) -> None:
+        """Node-limited routing: experts split into ``n_group`` equal groups, a token's
+        experts drawn from its ``topk_group`` best (each group scored by its top two)."""
+        if self.n_group == 1 and self.topk_group == 1:
+            return
+        per_group = self.num_experts // self.n_group
+        if self.num_experts % self.n_group or per_group < 2:
+            raise ConfigError(f"model.n_group ({self.n_group}) must divide model.num_experts "
+                              f"({self.num_experts}) into groups of at least 2")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"model.topk_group ({self.topk_group}) must not exceed "
+                              f"model.n_group ({self.n_group})")
+        if self.top_k > self.topk_group * per_group:
+            raise ConfigError(f"model.top_k ({self.top_k}) exceeds the "
+                              f"{self.topk_group * per_group} experts of model.topk_group groups")
+        if self.router != "sigmoid":
+            raise ConfigError("model.n_group / model.topk_group need model.router: sigmoid")
 
 
 @dataclass
@@ -209,8 +265,21 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
     return cfg
 
 
+# Keys added after checkpoints were first written, with the value that reproduces the
+# older model (their defaults): a stored config without them means exactly that.
+ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
+                    "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
+                    "dense_hidden")
+
+
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """A stored model section in today's keys (``kv_compression`` -> ``kv_latent_dim``)."""
+    """A stored model section in today's keys (``kv_compression`` -> ``kv_latent_dim``;
+    keys added since, at the defaults that mean the older model)."""
+    missing = [k for k in ADDED_MODEL_KEYS if k not in raw]
+    if missing:
+        defaults = ModelConfig()
+        raw = {**raw, **{k: getattr(defaults, k) for k in missing}}
     if "kv_compression" not in raw:
         return raw
     raw = dict(raw)

@@ -23,6 +23,7 @@ HANDLERS = {
     "prepare": "prepare",
     "plot": "plot",
     "warm-start": "warm_start",
+    "export": "export",
     "fetch-assets": "fetch_assets",
 }
 
@@ -134,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--source", default=None,
-                   help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search)")
+                   help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search); "
+                        "or a transformers DeepseekV3 folder, imported exactly")
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
                                         "offline use")

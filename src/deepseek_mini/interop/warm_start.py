@@ -160,6 +160,10 @@ def _latent_loss(cfg: ModelConfig, energies: list[float]) -> list[str]:
 
 
 def _check_compatible(cfg: ModelConfig, geo: LlamaGeometry, source: str) -> None:
+    for key, seed in (("attention", "latent"), ("router", "softmax"), ("first_k_dense", 0)):
+        if getattr(cfg, key) != seed:
+            raise UserError(f"model.{key} is {getattr(cfg, key)!r}: the SmolLM2 warm start "
+                            f"maps into the seed's layout only (model.{key}: {seed})")
     for key, ours, theirs in (("vocab_size", cfg.vocab_size, geo.vocab_size),
                               ("hidden_size", cfg.hidden_size, geo.hidden_size),
                               ("num_layers", cfg.num_layers, geo.num_layers),

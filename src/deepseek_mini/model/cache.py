@@ -10,6 +10,9 @@ a Python int). A *static* cache (``static=True``) serves ``torch.compile``: one-
 steps write at a slot held in a tensor and attend to the whole buffer under a mask, so
 every step has the same shapes and no Python value changes between steps (gpt-fast's
 design); the prompt is still prefilled the eager way.
+
+The decoupled-RoPE attention (latent_rope_attention.py) also keeps each token's rotated
+rope key, in a second buffer of ``rope_size`` values per token per layer.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ class LatentCache:
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int, latent_size: int,
-                 device: torch.device | str, dtype: torch.dtype, static: bool = False) -> None:
+                 device: torch.device | str, dtype: torch.dtype, static: bool = False,
+                 rope_size: int = 0) -> None:
         self.latents = torch.zeros(num_layers, batch_size, max_len, latent_size,
                                    device=device, dtype=dtype)
+        self.rope_keys = (torch.zeros(num_layers, batch_size, max_len, rope_size,
+                                      device=device, dtype=dtype) if rope_size else None)
         self.positions = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.length = 0
@@ -85,6 +91,20 @@ class LatentCache:
             return self.latents[layer]
         self.latents[layer, :, self.start:self.length] = latent
         return self.latents[layer, :, :self.length]
+
+    def update_with_rope(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for a latent and its rotated rope key; returns all of both so far."""
+        if self._stepping(latent.shape[1]):
+            self.rope_keys[layer].index_copy_(1, self.slot - 1, rope_key)
+            return self.update(layer, latent), self.rope_keys[layer]
+        self.rope_keys[layer, :, self.start:self.length] = rope_key
+        return self.update(layer, latent), self.rope_keys[layer, :, :self.length]
+
+    def continues(self, steps: int) -> bool:
+        """Whether the ``steps`` tokens just appended follow tokens already cached (a
+        decoding step rather than the prefill)."""
+        return self._stepping(steps) or self.start > 0
 
     def key_positions(self, steps: int) -> torch.Tensor:
         return self.positions if self._stepping(steps) else self.positions[:, :self.length]

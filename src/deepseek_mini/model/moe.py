@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelConfig
+from .router import build_router
 
 GATHER_MAX_SLOTS = 64  # (token, slot) pairs up to which a compiled step gathers weights
 
@@ -130,9 +131,7 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
-        self.aux_loss_coef = cfg.aux_loss_coef
-        self.z_loss_coef = cfg.z_loss_coef
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = build_router(cfg)
         self.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_hidden,
                                      cfg.expert_activation)
         self.shared = (FeedForward(cfg.hidden_size, cfg.num_shared_experts * cfg.expert_hidden,
@@ -145,18 +144,20 @@ class MoE(nn.Module):
         (generation skips them: a dozen small ops per layer per decoded token)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        logits = self.router(tokens).float()
-        probs = logits.softmax(dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        routing = self.router(tokens)
 
-        by_token, counts = self._expert_outputs(tokens, chosen)
+        by_token, counts = self._expert_outputs(tokens, routing.chosen)
         # A weighted sum over the k slots: a reduction, where index_add_ would enter a
         # parallel region even for one token.
-        out = (by_token * weights.unsqueeze(-1).to(by_token.dtype)).sum(dim=1)
+        out = (by_token * routing.weights.unsqueeze(-1).to(by_token.dtype)).sum(dim=1)
         if self.shared is not None:
             out = out + self.shared(tokens)
-        stats = self._stats(logits, probs, counts) if with_stats else None
+        stats = None
+        if with_stats:
+            balance, z = self.router.losses(routing, counts, shape)
+            probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+            stats = RouterStats(balance, z, counts.detach(), entropy.detach())
         return out.reshape(shape).to(x.dtype), stats
 
     def _expert_outputs(self, tokens: torch.Tensor,
@@ -176,13 +177,3 @@ class MoE(nn.Module):
         expert_out = self.experts(tokens[order // self.top_k], counts)
         # back to (token, slot) order: a gather
         return expert_out.index_select(0, order.argsort()).view(*chosen.shape, -1), counts
-
-    def _stats(self, logits: torch.Tensor, probs: torch.Tensor,
-               counts: torch.Tensor) -> RouterStats:
-        """Switch-style load balance ``E · Σ f_i P_i`` and router z-loss, both weighted."""
-        fraction = counts.float() / counts.sum()
-        balance = self.num_experts * (fraction * probs.mean(dim=0)).sum()
-        z = torch.logsumexp(logits, dim=-1).square().mean()
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
-        return RouterStats(balance * self.aux_loss_coef, z * self.z_loss_coef,
-                           counts.detach(), entropy.detach())

@@ -14,6 +14,11 @@ E routed experts, k top-k, S shared experts, f expert hidden, m = 3 for swiglu e
   and backward 4 FLOPs per weight per token, plus QKᵀ and AV over ``T`` keys, not halved
   for causality (the PaLM convention).
 - KV cache: ``c`` values per token per layer, 2 bytes each in 16-bit.
+
+With ``attention: latent_rope`` (n nope, r rope, v value dims, q rank q_r): attention is
+``h·H·(n+r)`` (or ``h·q_r + q_r + q_r·H·(n+r)``) + ``h·(c+r) + c`` + ``c·H·(n+v)`` +
+``H·v·h``, QKᵀ and AV cost ``6·L·H·(n+r+v)·T``, and the cache holds ``c + r`` values. The
+first ``first_k_dense`` layers hold one dense MLP of ``dense_width`` instead of the MoE.
 """
 
 from __future__ import annotations
@@ -23,7 +28,19 @@ from ..config import Config, ModelConfig
 
 def attention_params(cfg: ModelConfig) -> int:
     h, d, c = cfg.hidden_size, cfg.head_dim, cfg.kv_latent_dim
+    if cfg.attention == "latent_rope":
+        heads, qk, r = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.q_lora_rank
+        q = h * r + r + r * heads * qk if r else h * heads * qk
+        kv = h * (c + cfg.qk_rope_head_dim) + c + c * heads * (cfg.qk_nope_head_dim
+                                                              + cfg.v_head_dim)
+        return q + kv + heads * cfg.v_head_dim * h
     return h * cfg.num_heads * d + h * c + 2 * c * cfg.num_kv_heads * d + cfg.num_heads * d * h
+
+
+def dense_params(cfg: ModelConfig) -> int:
+    """One leading dense layer's MLP."""
+    mats = 3 if cfg.expert_activation == "swiglu" else 2
+    return mats * cfg.hidden_size * cfg.dense_width
 
 
 def expert_params(cfg: ModelConfig) -> int:
@@ -38,30 +55,39 @@ def moe_params(cfg: ModelConfig) -> int:
 
 def total_params(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
-    per_layer = attention_params(cfg) + moe_params(cfg) + 2 * h
+    moe_layers = cfg.num_layers - cfg.first_k_dense
+    layers = (cfg.num_layers * (attention_params(cfg) + 2 * h) + moe_layers * moe_params(cfg)
+              + cfg.first_k_dense * dense_params(cfg))
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + head + cfg.num_layers * per_layer + h
+    return cfg.vocab_size * h + head + layers + h
 
 
 def active_params(cfg: ModelConfig) -> int:
-    idle = cfg.num_layers * (cfg.num_experts - cfg.top_k) * expert_params(cfg)
+    moe_layers = cfg.num_layers - cfg.first_k_dense
+    idle = moe_layers * (cfg.num_experts - cfg.top_k) * expert_params(cfg)
     return total_params(cfg) - idle
 
 
 def matmul_params_per_token(cfg: ModelConfig) -> int:
     experts = cfg.top_k + cfg.num_shared_experts
-    per_layer = (attention_params(cfg) + cfg.hidden_size * cfg.num_experts
-                 + experts * expert_params(cfg))
-    return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+    moe = cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
+    moe_layers = cfg.num_layers - cfg.first_k_dense
+    return (cfg.num_layers * attention_params(cfg) + moe_layers * moe
+            + cfg.first_k_dense * dense_params(cfg) + cfg.vocab_size * cfg.hidden_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    if cfg.attention == "latent_rope":
+        per_key = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        attention = 6 * cfg.num_layers * cfg.num_heads * per_key * seq_len
+    else:
+        attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     return 6 * matmul_params_per_token(cfg) + attention
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
-    return cfg.num_layers * cfg.kv_latent_dim * bytes_per_value
+    rope = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
+    return cfg.num_layers * (cfg.kv_latent_dim + rope) * bytes_per_value
 
 
 def plain_kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:

@@ -1,6 +1,9 @@
 """DeepSeekMini: token embedding → decoder layers (MLA + MoE) → RMSNorm → LM head.
 
-Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``.
+Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``;
+the first ``first_k_dense`` layers have a dense MLP instead of the MoE (DeepSeek-V3).
+``model.attention`` picks the seed's MLA (attention.py) or the decoupled-RoPE one
+(latent_rope_attention.py); ``model.router`` the MoE's router (router.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from ..config import ModelConfig
 from ..errors import UserError
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
+from .latent_rope_attention import LatentRopeAttention
 from .loss import linear_cross_entropy
 from .mask import padded_causal_mask
-from .moe import MoE, exclude_from_compile
+from .moe import FeedForward, MoE, exclude_from_compile
 from .norm import RMSNorm
 from .rope import rope_tables
 
@@ -30,7 +34,8 @@ class ModelOutput:
     """Logits and, when targets were given, ``loss = ce + aux`` with aux's two parts.
 
     ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
-    statistics for logging (None for a forward with a cache and no targets); reading them
+    statistics of the MoE layers (dense layers have none) for logging (None for a forward
+    with a cache and no targets); reading them
     is the caller's (synchronising) choice.
 
     With targets, ``logits`` are computed only if read: the loss comes from the final
@@ -57,14 +62,25 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = MultiHeadLatentAttention(cfg, layer_index)
+        attention = (LatentRopeAttention if cfg.attention == "latent_rope"
+                     else MultiHeadLatentAttention)
+        self.attn = attention(cfg, layer_index)
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.moe = MoE(cfg)
+        if layer_index < cfg.first_k_dense:
+            self.mlp = FeedForward(cfg.hidden_size, cfg.dense_width, cfg.expert_activation)
+        else:
+            self.moe = MoE(cfg)
+
+    @property
+    def is_dense(self) -> bool:
+        return hasattr(self, "mlp")
 
     def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
                 rope_k: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None,
                 mask: torch.Tensor | None, with_stats: bool = True):
         x = x + self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask)
+        if self.is_dense:
+            return x + self.mlp(self.moe_norm(x)), None
         moe_out, stats = self.moe(self.moe_norm(x), with_stats)
         return x + moe_out, stats
 
@@ -79,7 +95,7 @@ class DeepSeekMini(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_position, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -124,7 +140,10 @@ class DeepSeekMini(nn.Module):
         mask = None
         if cache is not None:
             cache.append(positions, attention_mask)
-            rope_k = self._rope(cache.key_positions(steps))
+            # The decoupled rope key is rotated once, when cached: only the seed's needs
+            # every cached position's table.
+            rope_k = (self._rope(cache.key_positions(steps))
+                      if self.config.attention == "latent" else rope_q)
             mask = cache.attention_mask(steps)
         else:
             rope_k = rope_q
@@ -137,7 +156,8 @@ class DeepSeekMini(nn.Module):
         stats = []
         for layer in self.layers:
             x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
-            stats.append(layer_stats)
+            if layer_stats is not None:
+                stats.append(layer_stats)
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -164,8 +184,9 @@ class DeepSeekMini(nn.Module):
         """An empty cache for ``max_len`` tokens per row (``static``: for a compiled
         decode step, see cache.py)."""
         cfg = self.config
+        rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
         return LatentCache(cfg.num_layers, batch_size, max_len, cfg.kv_latent_dim, self.device,
-                           dtype or self.embed.weight.dtype, static)
+                           dtype or self.embed.weight.dtype, static, rope_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"

@@ -8,6 +8,7 @@ fp32 the losses match bit for bit. Resume and warm-start loading are here too.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ..config import Config
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
 from ..files import BEST, LATEST, atomic_save
+from ..interop.hf_import import HF_PREFIX, import_deepseek_v3
 from ..interop.warm_start import warm_start_model
 from ..model.transformer import DeepSeekMini
 from .distributed import Parallel, Ranks
@@ -182,11 +184,25 @@ def initial_model(cfg: Config, ckpt: dict[str, Any] | None) -> DeepSeekMini:
         return DeepSeekMini(cfg.model)
     if source == "smollm2":
         return warm_start_model(cfg)
+    if source.startswith(HF_PREFIX):
+        return _hf_warm_start(cfg, source.removeprefix(HF_PREFIX))
     path = Path(source)
     warm = load_checkpoint(path)
     _check_model_config(warm, cfg, path)
     model = DeepSeekMini(cfg.model)
     model.load_state_dict(warm["model"])
+    return model
+
+
+def _hf_warm_start(cfg: Config, folder: str) -> DeepSeekMini:
+    """A transformers DeepseekV3 folder's weights; the run's model config must be the
+    folder's (``deepseek-mini warm-start --source DIR`` writes one that is)."""
+    model = import_deepseek_v3(folder, cfg.model)
+    differences = config_differences(dataclasses.asdict(model.config),
+                                     dataclasses.asdict(cfg.model), "model")
+    if differences:
+        raise UserError(f"train.warm_start {HF_PREFIX}{folder}: the folder's model differs from "
+                        f"the config's: {'; '.join(differences)}")
     return model
 
 

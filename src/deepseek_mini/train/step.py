@@ -11,15 +11,17 @@ import math
 import torch
 from torch import nn
 
+from ..model.router import sigmoid_routers, update_router_biases
 from .distributed import Parallel
 from .precision import Precision
 
 
 def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size: int,
                          precision: Precision, parallel: Parallel | None = None
-                         ) -> torch.Tensor:
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over ``batch`` [rows, seq_len + 1] in micro batches, leaving
-    the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z).
+    the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z) and the
+    expert loads summed over the micro batches [moe layers, experts].
 
     The load-balance term is a statistic of whichever batch the router sees, so it is
     computed per micro batch; everything else matches one pass over the whole batch.
@@ -29,6 +31,7 @@ def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size
     parallel = parallel or Parallel()
     micro = batch.to(precision.device, non_blocking=True).split(micro_batch_size)
     losses = torch.zeros(5, device=precision.device)
+    loads = 0
     for i, chunk in enumerate(micro):
         with parallel.gradient_sync(model, last=i == len(micro) - 1):
             with precision.autocast():
@@ -36,7 +39,8 @@ def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size
             precision.scaler.scale(out.loss / len(micro)).backward()
         losses += torch.stack([out.loss, out.ce, out.aux, out.balance_loss,
                                out.z_loss]).detach().float()
-    return losses / len(micro)
+        loads = loads + out.expert_counts
+    return losses / len(micro), loads
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tensor,
@@ -46,10 +50,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
     whether it was finite, both on the device, without waiting for it: a non-finite step
     is skipped by the fused kernel itself and leaves weights and optimizer state as they
     were. Under ``parallel`` the losses are the mean over ranks, so every rank logs and
-    skips alike."""
+    skips alike.
+
+    After the step, DeepSeek-V3's sigmoid routers move their expert biases by the step's
+    expert loads, summed over ranks so that every rank's biases stay equal (router.py)."""
     parallel = parallel or Parallel()
-    losses = parallel.mean(accumulate_gradients(model, batch, micro_batch_size, precision,
-                                                parallel))
+    losses, loads = accumulate_gradients(model, batch, micro_batch_size, precision, parallel)
+    losses = parallel.mean(losses)
     scaler = precision.scaler
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -63,6 +70,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
         optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel
         optimizer.step()
         del optimizer.found_inf
+    routers = sigmoid_routers(model)
+    if routers:  # (fp16: a step the scaler skips for overflowed gradients still moves them)
+        update_router_biases(routers, parallel.sum(loads), finite)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return torch.cat([losses, grad_norm.reshape(1).float()]), finite

@@ -1,0 +1,113 @@
+"""``deepseek-mini export``: a checkpoint as a Hugging Face folder others can load.
+
+A model in DeepSeek-V3's layout (latent_rope + sigmoid router + SwiGLU) is written as
+transformers' own ``deepseek_v3`` (hf_layout.py): no custom code, and the format vLLM,
+SGLang and llama.cpp's converter already read. Any other model is written with
+deepseek-mini's names and ``modeling_deepseek_mini.py`` (hf_remote_model.py) for
+``trust_remote_code=True``. Either way: ``config.json``, ``model.safetensors`` (a tied
+head is stored once), ``generation_config.json`` and the tokenizer's files. The folder is
+assembled beside ``out`` and renamed into place, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..config import Config, ConfigError, ModelConfig
+from ..data.tokenizer import EOS_TOKEN, Tokenizer, load_tokenizer
+from ..errors import UserError
+from ..model.transformer import DeepSeekMini
+from .hf_layout import hf_config, native_blocker, to_hf
+
+REMOTE_MODELING = "modeling_deepseek_mini.py"
+
+
+@dataclass
+class Exported:
+    out: Path
+    native: bool
+    why_not_native: str | None
+    tensors: int
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Exported:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export: {out} already exists and is not an empty folder")
+    ckpt = load_checkpoint(checkpoint)
+    model = DeepSeekMini.from_checkpoint_dict(ckpt, checkpoint)
+    try:
+        config = Config.from_dict(ckpt["config"], f"checkpoint {checkpoint}")
+    except ConfigError as exc:
+        raise UserError(f"checkpoint {checkpoint} has an unusable config: {exc}") from None
+    tok = load_tokenizer(config.data.tokenizer, config.data.cache_dir, model.config.vocab_size)
+    blocker = native_blocker(model.config)
+    state = model.state_dict()
+    if blocker is None:
+        tensors, cfg_json = to_hf(model.config, state), hf_config(model.config, None, tok.eos_id)
+    else:
+        tensors, cfg_json = _remote_tensors(model.config, state), _remote_config(model.config,
+                                                                                tok.eos_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_folder(staging, tensors, cfg_json, tok, remote=blocker is not None)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Exported(out, blocker is None, blocker, len(tensors))
+
+
+def _remote_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in state.items() if k != "lm_head.weight"}
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.detach().float().contiguous().clone() for k, v in tensors.items()}
+
+
+def _remote_config(cfg: ModelConfig, eos_id: int) -> dict[str, Any]:
+    module = REMOTE_MODELING.removesuffix(".py")
+    return {"architectures": ["DeepSeekMiniForCausalLM"], "model_type": "deepseek_mini",
+            "auto_map": {"AutoConfig": f"{module}.DeepSeekMiniConfig",
+                         "AutoModelForCausalLM": f"{module}.DeepSeekMiniForCausalLM"},
+            "deepseek_mini": asdict(cfg), "tie_word_embeddings": cfg.tie_embeddings,
+            "eos_token_id": eos_id, "torch_dtype": "float32", "use_cache": False}
+
+
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], cfg_json: dict[str, Any],
+                  tok: Tokenizer, remote: bool) -> None:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("export needs safetensors: pip install 'deepseek-mini[hf]'") from None
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _json(folder / "config.json", cfg_json)
+    # The remote model has no KV cache: generate() must recompute, as it does without one.
+    _json(folder / "generation_config.json",
+          {"eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id, "do_sample": False,
+           "use_cache": not remote})
+    shutil.copyfile(tok.path, folder / "tokenizer.json")
+    _json(folder / "tokenizer_config.json",
+          {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+           "pad_token": EOS_TOKEN, "add_bos_token": False, "model_max_length":
+               cfg_json.get("max_position_embeddings", cfg_json.get("deepseek_mini", {})
+                            .get("max_position"))})
+    if remote:
+        shutil.copyfile(Path(__file__).with_name("hf_remote_model.py"),
+                        folder / REMOTE_MODELING)
+
+
+def _json(path: Path, value: dict[str, Any]) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")

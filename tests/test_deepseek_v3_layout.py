@@ -1,0 +1,151 @@
+"""DeepSeek-V3's mechanisms beside the seed's: absorbed decoding equals the plain form,
+the sigmoid router's bias moves against the load without gradient or optimizer, dense
+leading layers, and the seed's checkpoints still load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_run import small_config
+
+from deepseek_mini.config import ConfigError
+from deepseek_mini.model.router import SigmoidRouter, sigmoid_routers
+from deepseek_mini.model.transformer import DeepSeekMini
+from deepseek_mini.train.optim import build_optimizer
+from deepseek_mini.train.precision import setup_precision
+from deepseek_mini.train.step import train_step
+
+V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swiglu",
+      "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "q_lora_rank": 24,
+      "kv_latent_dim": 20, "first_k_dense": 1, "num_layers": 3, "max_position": 96}
+
+
+def lively(model: DeepSeekMini) -> DeepSeekMini:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.1))
+    return model.eval()
+
+
+def test_absorbed_decoding_matches_the_plain_form_at_every_step():
+    """64 greedy tokens, batch 3, left padding: each step's logits from the latent cache
+    (absorbed) equal a full recompute (plain form) within 1e-4."""
+    torch.manual_seed(0)
+    model = lively(DeepSeekMini(small_config(**V3).model))
+    ids = torch.randint(0, 256, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    cache = model.new_cache(3, 7 + 64)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        step_logits = model(ids, cache=cache, positions=positions, attention_mask=mask).logits
+        for _ in range(64):
+            token = step_logits[:, -1].argmax(-1, keepdim=True)
+            full_plain = model(torch.cat([ids, token], 1),
+                               attention_mask=torch.cat([mask, torch.ones_like(token)], 1))
+            positions = positions[:, -1:] + 1
+            step_logits = model(token, cache=cache, positions=positions,
+                                attention_mask=torch.ones_like(token)).logits
+            torch.testing.assert_close(step_logits[:, -1], full_plain.logits[:, -1],
+                                       atol=1e-4, rtol=0)
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    assert cache.latents.shape[-1] == 20 and cache.rope_keys.shape[-1] == 8  # nothing else
+
+
+def test_decoding_is_absorbed_after_the_prefill(monkeypatch):
+    from deepseek_mini.model.latent_rope_attention import LatentRopeAttention
+
+    calls = []
+    plain, absorbed = LatentRopeAttention._plain, LatentRopeAttention._absorbed
+    monkeypatch.setattr(LatentRopeAttention, "_plain",
+                        lambda self, *a, **k: calls.append("plain") or plain(self, *a, **k))
+    monkeypatch.setattr(LatentRopeAttention, "_absorbed",
+                        lambda self, *a: calls.append("absorbed") or absorbed(self, *a))
+    model = DeepSeekMini(small_config(**V3).model).eval()
+    cache = model.new_cache(1, 10)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        model(torch.tensor([[4]]), cache=cache)
+    assert calls == ["plain"] * 3 + ["absorbed"] * 3
+
+
+def test_sigmoid_bias_moves_against_the_load_and_stays_out_of_gradient_and_optimizer():
+    cfg = small_config(**V3, bias_update_rate=0.01)
+    cfg.train.precision, cfg.train.device = "fp32", "cpu"
+    torch.manual_seed(1)
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    routers = sigmoid_routers(model)
+    assert len(routers) == 2  # layer 0 is dense
+    assert all(id(r.expert_bias) not in optimized and not r.expert_bias.requires_grad
+               for r in routers)
+    batch = torch.randint(0, 256, (4, 17))
+    with torch.no_grad():
+        loads = model(batch[:, :-1], targets=batch[:, 1:]).expert_counts.float()
+    before = [r.expert_bias.clone() for r in routers]
+    train_step(model, optimizer, batch, 4, 1.0, setup_precision(cfg.train))
+    for router, old, load in zip(routers, before, loads, strict=True):
+        step = router.expert_bias - old
+        expected = 0.01 * torch.sign(load.mean() - load)
+        torch.testing.assert_close(step, expected)
+        assert router.expert_bias.grad is None
+
+
+def test_bias_changes_the_choice_but_not_the_weights():
+    cfg = small_config(**V3, routed_scaling_factor=2.0).model
+    torch.manual_seed(2)
+    router = SigmoidRouter(cfg)
+    x = torch.randn(30, cfg.hidden_size)
+    first = router(x)
+    router.expert_bias[first.chosen[0, 0]] = -10.0  # the first token's best expert is shunned
+    second = router(x)
+    assert first.chosen[0, 0] not in second.chosen[0]
+    scores = torch.sigmoid(x @ router.weight.T)
+    picked = scores.gather(1, second.chosen)
+    torch.testing.assert_close(second.weights, picked / picked.sum(-1, keepdim=True) * 2.0)
+
+
+def test_groups_limit_each_token_to_its_best_groups():
+    cfg = small_config(**V3, num_experts=8, top_k=2, n_group=4, topk_group=1).model
+    torch.manual_seed(3)
+    routing = SigmoidRouter(cfg)(torch.randn(50, cfg.hidden_size))
+    assert torch.equal(routing.chosen[:, 0] // 2, routing.chosen[:, 1] // 2)
+
+
+def test_seed_checkpoint_keys_are_unchanged():
+    """A seed-layout state dict written before these options loads as it did: same keys."""
+    model = DeepSeekMini(small_config().model)
+    keys = set(model.state_dict())
+    assert "layers.0.moe.router.weight" in keys
+    assert not any("expert_bias" in k or ".mlp." in k for k in keys)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("attention", "mla", "model.attention must be one of latent, latent_rope"),
+    ("router", "topk", "model.router must be one of softmax, sigmoid"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim (7) must be even"),
+    ("first_k_dense", 2, "first_k_dense (2) must be below model.num_layers (2)"),
+    ("n_group", 3, "model.n_group (3) must divide model.num_experts (4)"),
+])
+def test_new_keys_are_checked(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        small_config(**{key: value, **({"router": "sigmoid"} if key == "n_group" else {})})
+
+
+def test_static_cache_decoding_matches_the_eager_cache():
+    """The compiled decode step's static cache holds the rope keys too."""
+    torch.manual_seed(4)
+    model = lively(DeepSeekMini(small_config(**V3).model))
+    ids = torch.randint(0, 256, (2, 5))
+    logits = []
+    for static in (False, True):
+        cache = model.new_cache(2, 12, static=static)
+        with torch.no_grad():
+            out = [model(ids, cache=cache).logits[:, -1]]
+            for t in range(6):
+                out.append(model(torch.full((2, 1), t + 1), cache=cache,
+                                 positions=torch.full((2, 1), 5 + t)).logits[:, -1])
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
