@@ -21,6 +21,7 @@ HANDLERS = {
     "plot": "plot",
     "warm-start": "warm_start",
     "fetch-assets": "fetch_assets",
+    "serve": "serve",
 }
 
 
@@ -100,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--source", default=None,
                    help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search)")
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-style HTTP API, with "
+                                     "a story page")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together; more wait for a free row")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--model-name", default="deepseek-mini",
+                   help="the model's id in the API")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's)")
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
                                         "offline use")
