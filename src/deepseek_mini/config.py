@@ -119,6 +119,7 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
@@ -130,6 +131,11 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
+        known = ("tensorboard", "wandb")
+        if (not isinstance(self.trackers, list) or len(set(self.trackers)) < len(self.trackers)
+                or not all(t in known for t in self.trackers)):
+            raise ConfigError(f"train.trackers must be a list of distinct names from "
+                              f"{', '.join(known)}, got {self.trackers!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
 

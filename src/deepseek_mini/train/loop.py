@@ -45,6 +45,7 @@ from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
 from .state import Run, initial_model, resume_checkpoint, save
 from .step import train_step
+from .trackers import check_trackers, open_trackers
 
 MAX_NONFINITE_STREAK = 10
 SAMPLE_SUMMARY = "Tom loses his ball at the park, and Lily helps him find it."
@@ -86,6 +87,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
            parallel: Parallel) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
+    check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
@@ -105,8 +107,10 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, precision: Precisi
         if resume:
             continue_metrics(out_dir / METRICS_FILE, run.step)
         atomic_write_text(cfg.to_yaml(), out_dir / CONFIG_FILE)
+    trackers = (open_trackers(cfg.train.trackers, out_dir, cfg.to_dict())
+                if ranks.is_main else [])
     log = RunLog(out_dir, enabled=ranks.is_main, resume=resume,
-                 total_steps=cfg.train.max_steps, start_step=run.step)
+                 total_steps=cfg.train.max_steps, start_step=run.step, trackers=trackers)
     try:
         evals = (val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
                              cfg.train.eval_batches)
@@ -293,6 +297,7 @@ def _sample(run: Run, log: RunLog, tokenizer: Any) -> None:
     text = completion_text(tokenizer, ids[0, prompt.shape[1]:].tolist())
     log.info(f"sample at step {run.step} (greedy, after the prompt's Summary: "
              f"{SAMPLE_SUMMARY!r}):{text}")
+    log.text(run.step, "sample", text)
 
 
 def _fmt(value: float | None) -> str:
