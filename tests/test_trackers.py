@@ -5,6 +5,7 @@ tracker that is not installed is a one-line error naming it."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,11 @@ def test_wandb_offline_keeps_the_run_on_disk(data_overrides, tmp_path, monkeypat
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the run's records (protobuf, for ``wandb sync``) hold every logged name
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    path = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing it
+    while b"kv_latent_dim" not in path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    records = path.read_bytes()
     for key in (b"loss", b"val_ce", b"tokens_per_s", b"grad_norm", b"experts/layer1/expert0",
                 b"deepseek-mini", b"kv_latent_dim"):
         assert key in records, key
