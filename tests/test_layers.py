@@ -18,7 +18,7 @@ FLOORS = {
     "model": 3, "data": 3,
     "inference": 4, "evaluation": 4, "expert_usage": 4, "plotting": 4,
     "interop": 5,
-    "train": 6,
+    "train": 6, "serve": 6,
     "cli": 7, "__main__": 7,
     "__init__": 8,
 }

@@ -178,6 +178,7 @@ class TrainConfig:
     compile: bool = False
     parallel: str = "none"
     threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
@@ -192,6 +193,11 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
+        known = ("tensorboard", "wandb")
+        if (not isinstance(self.trackers, list) or len(set(self.trackers)) < len(self.trackers)
+                or not all(t in known for t in self.trackers)):
+            raise ConfigError(f"train.trackers must be a list of distinct names from "
+                              f"{', '.join(known)}, got {self.trackers!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
 

@@ -25,6 +25,7 @@ HANDLERS = {
     "warm-start": "warm_start",
     "export": "export",
     "fetch-assets": "fetch_assets",
+    "serve": "serve",
 }
 
 
@@ -141,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="folder to create (absent or empty)")
+
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-style HTTP API, with "
+                                     "a story page")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together; more wait for a free row")
+    _add_threads(p, "1 thread")
+    p.add_argument("--model-name", default="deepseek-mini",
+                   help="the model's id in the API")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to decode")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype for decoding")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer (None: the checkpoint's)")
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
                                         "offline use")

@@ -118,3 +118,56 @@ class LatentCache:
         if steps == 1 and not self.has_padding:
             return None
         return padded_causal_mask(self.valid[:, :self.length], self.start)
+
+    # --- rows joining and leaving a running batch (the server's continuous batching) ---
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices, in their new order): finished requests leave the
+        batch and the next step runs the others alone."""
+        self.latents = self.latents[:, rows]
+        self.positions = self.positions[rows]
+        self.valid = self.valid[rows]
+        if self.batch_size == 0:
+            self.length = self.start = 0
+
+    def add_rows(self, other: LatentCache) -> None:
+        """Append ``other``'s rows (prompts prefilled on their own) with their tokens
+        right-aligned to end at this cache's filled length, the slots before them invalid,
+        so the next step writes every row's next token into the same slot. A longer
+        newcomer lengthens the filled prefix; the running rows see the new slots as
+        padding."""
+        if self.static or other.static:
+            raise ValueError("a static cache has fixed rows")
+        if other.length > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {other.length} needed")
+        if other.length > self.length:
+            self.valid[:, self.length:other.length] = False
+            self.length = other.length
+        layers, rows, _, width = other.latents.shape
+        first, end = self.length - other.length, self.length
+        latents = self.latents.new_zeros(layers, rows, self.max_len, width)
+        latents[:, :, first:end] = other.latents[:, :, :other.length]
+        positions = self.positions.new_zeros(rows, self.max_len)
+        positions[:, first:end] = other.positions[:, :other.length]
+        valid = self.valid.new_zeros(rows, self.max_len)
+        valid[:, first:end] = other.valid[:, :other.length]
+        self.latents = torch.cat([self.latents, latents], dim=1)
+        self.positions = torch.cat([self.positions, positions])
+        self.valid = torch.cat([self.valid, valid])
+        self.has_padding = True
+
+    def compact(self) -> None:
+        """Move each row's real tokens, in order, to the front of the buffer and shorten
+        the filled prefix to the longest row: rows that joined at different times leave
+        invalid slots behind, and a long-running batch would otherwise run out of room."""
+        valid = self.valid[:, :self.length]
+        keep = int(valid.sum(-1).max()) if self.batch_size else 0
+        # a stable sort on "is real" puts the padding first and keeps the tokens' order
+        order = valid.int().argsort(dim=-1, stable=True)[:, self.length - keep:]
+        layers, rows, _, width = self.latents.shape
+        gather = order[None, :, :, None].expand(layers, rows, keep, width)
+        self.latents[:, :, :keep] = self.latents[:, :, :self.length].gather(2, gather)
+        self.positions[:, :keep] = self.positions[:, :self.length].gather(1, order)
+        self.valid[:, :keep] = valid.gather(1, order)
+        self.valid[:, keep:] = False
+        self.length = self.start = keep

@@ -47,6 +47,7 @@ from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
 from .state import Run, initial_model, resume_checkpoint, save
 from .step import train_step
+from .trackers import check_trackers, open_trackers
 
 MAX_NONFINITE_STREAK = 10
 SAMPLE_TOKENS = 100
@@ -97,6 +98,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
            precision: Precision, parallel: Parallel, notes: list[str]) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
+    check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     changes: list[str] = []
     if ckpt is not None:
@@ -120,8 +122,10 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
         if resume:
             continue_metrics(out_dir / METRICS_FILE, run.step)
         atomic_write_text(cfg.to_yaml(), out_dir / CONFIG_FILE)
+    trackers = (open_trackers(cfg.train.trackers, out_dir, cfg.to_dict())
+                if ranks.is_main else [])
     log = RunLog(out_dir, enabled=ranks.is_main, resume=resume,
-                 total_steps=cfg.train.max_steps, start_step=run.step)
+                 total_steps=cfg.train.max_steps, start_step=run.step, trackers=trackers)
     try:
         for note in notes:
             log.info(note)
@@ -339,6 +343,7 @@ def _sample(run: Run, log: RunLog, tokenizer: Any, prompt_text: str) -> None:
     text = completion_text(tokenizer, ids[0, prompt.shape[1]:].tolist())
     log.info(f"sample at step {run.step} (greedy, from a validation document's opening):\n"
              f"{prompt_text}{text}")
+    log.text(run.step, "sample", prompt_text + text)
 
 
 def _fmt(value: float | None) -> str:

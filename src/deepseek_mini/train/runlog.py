@@ -3,7 +3,8 @@
 On a terminal the console gets a tqdm bar and the log lines print above it; elsewhere
 (CI, ``| tee``, a scheduler's log file) plain lines only, since a redrawn bar turns into
 noise there. Only the main process of a run writes (``enabled``), so a later distributed
-run can hand every rank the same object.
+run can hand every rank the same object. Trackers (TensorBoard, W&B) get every metrics
+row and text sample from here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from ..files import LOG_FILE, METRICS_FILE, atomic_write_text
+from .trackers import Tracker, scalars
 
 
 def continue_metrics(path: Path, step: int) -> int:
@@ -53,8 +55,9 @@ def json_value(value: Any) -> Any:
 
 class RunLog:
     def __init__(self, out_dir: Path, *, enabled: bool, resume: bool, total_steps: int,
-                 start_step: int) -> None:
+                 start_step: int, trackers: list[Tracker] | None = None) -> None:
         self.enabled = enabled
+        self.trackers = trackers or []
         self.bar: tqdm | None = None
         self._log: TextIO | None = None
         self._metrics: TextIO | None = None
@@ -85,6 +88,16 @@ class RunLog:
         assert self._metrics is not None
         self._metrics.write(json.dumps(json_value(row), allow_nan=False) + "\n")
         self._metrics.flush()
+        if self.trackers:
+            values = scalars(row)
+            for tracker in self.trackers:
+                tracker.scalars(row["step"], values)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """A text sample for the trackers (the log line is the caller's)."""
+        if self.enabled:
+            for tracker in self.trackers:
+                tracker.text(step, tag, text)
 
     def advance(self, postfix: str | None = None) -> None:
         if self.bar is not None:
@@ -93,6 +106,8 @@ class RunLog:
                 self.bar.set_postfix_str(postfix, refresh=False)
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
         if self.bar is not None:
             self.bar.close()
         for f in (self._log, self._metrics):

@@ -1,0 +1,181 @@
+"""The HTTP server, for real over 127.0.0.1: the official ``openai`` client for plain and
+streamed completions, stories, stop strings, errors in OpenAI's shape, a client that
+leaves mid-stream, and the ``serve`` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import serving
+import torch
+
+from deepseek_mini import generate
+from deepseek_mini.cli.main import main
+from deepseek_mini.data.instruct import instruct_prompt
+from deepseek_mini.inference.batcher import Finish
+from deepseek_mini.inference.prompts import completion_text
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with serving.running_server(tmp_path_factory.mktemp("serve")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+
+def expected(served, prompt: str, max_tokens: int) -> str:
+    """What ``generate`` writes greedily after ``prompt`` alone."""
+    ids = torch.tensor([[served.tok.eos_id, *served.tok.encode(prompt)]])
+    out = generate(served.model, ids, max_new_tokens=max_tokens, eos_id=served.tok.eos_id)
+    return completion_text(served.tok, out[0, ids.shape[1]:].tolist())
+
+
+def test_the_openai_client_gets_greedy_completions(served, client):
+    reply = client.completions.create(model="deepseek-mini", prompt="Once upon a time",
+                                      max_tokens=12, temperature=0)
+    assert reply.choices[0].text == expected(served, "Once upon a time", 12)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == 1 + len(served.tok.encode("Once upon a time"))
+    assert 0 < reply.usage.completion_tokens <= 12
+
+
+def test_the_openai_client_streams_the_same_text(served, client):
+    chunks = list(client.completions.create(model="deepseek-mini", prompt="The dog",
+                                            max_tokens=20, temperature=0, stream=True))
+    assert len(chunks) > 1
+    assert "".join(c.choices[0].text for c in chunks) == expected(served, "The dog", 20)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_list_of_prompts_gets_a_choice_each_as_if_alone(served, client):
+    prompts = ["Tom had a ball", "Lily saw a big red"]
+    reply = client.completions.create(model="deepseek-mini", prompt=prompts, max_tokens=10,
+                                      temperature=0)
+    texts = [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert texts == [expected(served, p, 10) for p in prompts]
+
+
+def test_a_stop_string_cuts_the_text_before_it(served):
+    full = expected(served, "Once upon a time", 20)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3
+    for stream in (False, True):
+        body = {"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0,
+                "stop": [stop], "stream": stream}
+        reply = httpx.post(f"{served.url}/v1/completions", json=body, timeout=60)
+        if stream:
+            events = [json.loads(line[6:]) for line in reply.text.splitlines()
+                      if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["text"] for e in events)
+            finish = events[-1]["choices"][0]["finish_reason"]
+            assert reply.text.rstrip().endswith("data: [DONE]")
+        else:
+            text = reply.json()["choices"][0]["text"]
+            finish = reply.json()["choices"][0]["finish_reason"]
+        assert text == full[:full.index(stop)] and finish == "stop"
+
+
+def test_stories_use_the_instruct_prompt(served):
+    body = {"summary": "A cat finds a hat.", "words": "hat", "max_tokens": 10,
+            "temperature": 0}
+    reply = httpx.post(f"{served.url}/v1/stories", json=body, timeout=60).json()
+    prompt = instruct_prompt("A cat finds a hat.", "hat", None)
+    assert reply["choices"][0]["text"] == expected(served, prompt, 10)
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ("", 400, None, "the request body is empty"),
+    ("{nope", 400, None, "not valid JSON"),
+    ("[1, 2]", 400, None, "must be a JSON object"),
+    ({"max_tokens": 4}, 400, "prompt", "prompt must be a string"),
+    ({"prompt": 5}, 400, "prompt", "prompt must be a string"),
+    ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "max_tokens must be >= 0"),
+    ({"prompt": "a", "max_tokens": "9"}, 400, "max_tokens", "max_tokens must be an integer"),
+    ({"prompt": "a", "temperature": -0.1}, 400, "temperature", "temperature must be >= 0"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p", "top_p must be in (0, 1]"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p", "top_p must be in (0, 1]"),
+    ({"prompt": "a", "top_k": 0}, 400, "top_k", "top_k must be >= 1"),
+    ({"prompt": "a", "stream": "yes"}, 400, "stream", "stream must be true or false"),
+    ({"prompt": "a", "stop": 3}, 400, "stop", "stop must be"),
+    ({"prompt": "a", "n": 2}, 400, "n", "n must be 1"),
+    ({"prompt": "a " * 1500}, 400, "prompt", "the model reads at most 1024"),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model 'gpt-4' does not exist"),
+])
+def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status, param,
+                                                           message):
+    content = body if isinstance(body, str) else json.dumps(body)
+    reply = httpx.post(f"{served.url}/v1/completions", content=content, timeout=60)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_the_openai_client_raises_on_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError, match="temperature must be >= 0"):
+        client.completions.create(model="deepseek-mini", prompt="a", temperature=-1)
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(served, monkeypatch):
+    seen = []
+    submit = served.batcher.submit
+
+    def spy(request):
+        deliver = request.deliver
+        request.deliver = lambda event: (seen.append(event), deliver(event))
+        submit(request)
+
+    monkeypatch.setattr(served.batcher, "submit", spy)
+    body = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0,
+            "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as reply:
+        next(reply.iter_lines())
+    deadline = time.monotonic() + 30
+    while not isinstance(seen[-1], Finish) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen[-1] == Finish("cancelled") and len(seen) < 1000
+    while served.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.05)  # the row goes right after its last delivery
+    assert served.batcher.running == 0
+
+
+def test_models_health_and_the_page(served, client):
+    assert [m.id for m in client.models.list()] == ["deepseek-mini"]
+    health = httpx.get(f"{served.url}/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 4
+    page = httpx.get(f"{served.url}/").text
+    assert 'id="summary"' in page and "/v1/stories" in page
+
+
+def test_the_command_listens_on_localhost_by_default_and_says_so(served):
+    proc = subprocess.Popen([sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint",
+                             str(served.checkpoint), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving deepseek-mini on http://127.0.0.1:"), proc.stderr.read()
+        assert "local only" in line
+        url = line.split()[3]
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_command_reports_bad_arguments_in_one_line(tmp_path, capsys):
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "none.pt" in err and len(err.splitlines()) == 1
+    assert main(["serve", "--checkpoint", "x", "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""The story page in a real headless Chromium (Debian's chromium and chromium-driver,
+driven by selenium): the page is loaded from a running server, the form filled, Write
+clicked, and the story must stream in; a bad temperature must show the server's error.
+A screenshot goes to tests/artifacts/ (ignored by git)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import serving
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert chromium and driver_path, "apt-get install chromium chromium-driver (.ci/run does)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1000,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_streams_a_story_and_shows_errors(tmp_path, browser):
+    with serving.running_server(tmp_path) as served:
+        browser.get(served.url + "/")
+        browser.find_element(By.ID, "summary").send_keys("A cat finds a red hat.")
+        browser.find_element(By.ID, "words").send_keys("hat, happy")
+        length = browser.find_element(By.ID, "length")
+        length.clear()
+        length.send_keys("40")
+        browser.find_element(By.ID, "write").click()
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "story").text.strip())
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "done")
+        assert browser.find_element(By.ID, "error").text == ""
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "story_page.png"))
+
+        temperature = browser.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("-1")
+        browser.find_element(By.ID, "write").click()
+        wait.until(lambda b: b.find_element(By.ID, "error").text)
+        assert "temperature must be >= 0" in browser.find_element(By.ID, "error").text
+        assert browser.find_element(By.ID, "story").text == ""
