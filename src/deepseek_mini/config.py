@@ -47,6 +47,8 @@ class ModelConfig:
     z_loss_coef: float = 0.001
     tie_embeddings: bool = True
     norm_eps: float = 1.0e-5
+    mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3); 0 = none
+    mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
 
     @property
     def head_dim(self) -> int:
@@ -56,7 +58,7 @@ class ModelConfig:
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "kv_latent_dim", "rope_theta", "max_position", "num_experts", "top_k",
                   "expert_hidden", "norm_eps")
-        _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef")
+        _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef", "mtp_depth")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")
@@ -70,6 +72,7 @@ class ModelConfig:
             raise ConfigError(f"model.top_k ({self.top_k}) must not exceed model.num_experts "
                               f"({self.num_experts})")
         _one_of(self, "expert_activation", ("gelu", "swiglu"))
+        _one_of(self, "mtp_ffn", ("moe", "dense"))
 
 
 @dataclass
@@ -119,14 +122,18 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
+    trainable: str = "all"  # all | mtp (only the MTP modules, on a frozen model)
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         _one_of(self, "precision", ("auto", "fp16", "bf16", "fp32"))
         _one_of(self, "parallel", ("none", "ddp", "fsdp"))
+        _one_of(self, "trainable", ("all", "mtp"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval")
-        _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+                      "mtp_loss_weight")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
@@ -181,6 +188,9 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.train.trainable == "mtp" and self.model.mtp_depth == 0:
+            raise ConfigError("train.trainable is 'mtp' but model.mtp_depth is 0: set "
+                              "model.mtp_depth to the number of MTP modules to train")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (a static cache; pays "
                         "only for long generations, see BENCHMARKS.md)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
+                   help="draft with the model's MTP modules and verify (one prompt); "
+                        "default: only where it measured faster (see README)")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s and, when speculating, accepted drafts per step")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weight dtype for decoding")

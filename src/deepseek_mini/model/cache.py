@@ -77,6 +77,15 @@ class LatentCache:
             self.has_padding = True
         self.slot.fill_(self.length)
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on, as if they had never been appended: a
+        speculative step rolls back past its rejected draft tokens this way (their latents
+        stay in the buffer, unread, until later tokens overwrite them)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.start = self.length = length
+        self.slot.fill_(length)
+
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         """Store this forward's latents for ``layer``; return all of its latents so far (the
         whole buffer on the static path, where the mask hides what is not yet written)."""
