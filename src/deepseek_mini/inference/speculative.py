@@ -91,6 +91,8 @@ def accept_drafts(target_logits: torch.Tensor, drafts: torch.Tensor,
     guesses were drawn from (None when greedy). Returns ``accepted`` [B] and ``next`` [B].
     """
     rows = torch.arange(drafts.shape[0], device=drafts.device)
+    if drafts.shape[1] == 0:  # no room left to guess: a plain step
+        return torch.zeros_like(rows), sampler.choose(target_logits[:, 0])
     if sampler.greedy:
         choice = target_logits.argmax(dim=-1)
         accepted = (drafts == choice[:, :-1]).long().cumprod(dim=-1).sum(dim=-1)

@@ -90,12 +90,15 @@ class DeepSeekMini(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # After every main parameter, so the main model's initial weights do not depend on
-        # mtp_depth; each module's layer index is its slot in the drafting cache.
-        self.mtp = nn.ModuleList(
-            MTPModule(cfg.hidden_size, cfg.norm_eps,
-                      DecoderLayer(cfg, k, dense=cfg.mtp_ffn == "dense"))
-            for k in range(cfg.mtp_depth))
+        # Built on the meta device (drawing no random numbers) and initialised after every
+        # main parameter by reset_parameters, so the main model's initial weights do not
+        # depend on mtp_depth. Each module's layer index is its slot in the drafting cache.
+        with torch.device("meta"):
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg.hidden_size, cfg.norm_eps,
+                          DecoderLayer(cfg, k, dense=cfg.mtp_ffn == "dense"))
+                for k in range(cfg.mtp_depth))
+        self.mtp.to_empty(device=self.embed.weight.device)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
