@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli.main import main
 from deepseek_mini.config import ConfigError
 from deepseek_mini.inference.generate import generate
 from deepseek_mini.inference.sampling import SamplingError
@@ -243,3 +244,20 @@ def test_trainable_mtp_trains_only_the_modules_on_a_frozen_model(data_overrides,
         assert torch.equal(tensor, before[name]) != name.startswith("mtp."), name
     log = (out / "train.log").read_text()
     assert "trained" in log and "mtp ce" in log
+
+
+def test_generate_command_speculates_and_reports_its_stats(data_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(run_config(data_overrides, out, "train.max_steps=1"))
+    capsys.readouterr()
+    base = ["generate", "--checkpoint", str(out / "latest.pt"), "--prompt", "Once upon",
+            "--temperature", "0", "--max-new-tokens", "6", "--stats"]
+    assert main(base) == 0
+    plain = capsys.readouterr()
+    assert main([*base, "--speculative"]) == 0
+    spec = capsys.readouterr()
+    assert spec.out == plain.out
+    assert "plain decoding" in plain.err and "drafts accepted per step" in spec.err
+    assert main([*base, "--speculative", "--no-cache"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --speculative verifies drafts over the "
+                                               "eager cache: drop --no-cache")

@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (a static cache; pays "
                         "only for long generations, see BENCHMARKS.md)")
-    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
-                   help="draft with the model's MTP modules and verify (one prompt); "
-                        "default: only where it measured faster (see README)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
+                   help="draft with the model's MTP modules and verify (one prompt); off "
+                        "by default until a model measures faster with it (BENCHMARKS.md)")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s and, when speculating, accepted drafts per step")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -20,7 +20,7 @@ from ..model.cache import LatentCache
 from ..model.moe import exclude_from_compile
 from ..model.transformer import DeepSeekMini
 from .sampling import SamplingError, check_sampling, next_token
-from .speculative import Sampler, SpeculativeStats, speculation_pays, speculative_generate
+from .speculative import Sampler, SpeculativeStats, speculative_generate
 
 Streamer = Callable[[torch.Tensor], None]
 
@@ -32,7 +32,7 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
              use_cache: bool = True, eos_id: int | None = None,
              attention_mask: torch.Tensor | None = None,
              streamer: Streamer | None = None, compile: bool = False,
-             speculative: bool | None = None,
+             speculative: bool = False,
              stats: SpeculativeStats | None = None) -> torch.Tensor:
     """Continue ``prompt_ids`` [B, T]; returns ``[B, T + n]`` ids, ``n <= max_new_tokens``.
 
@@ -43,9 +43,9 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     ``eos_id``; generation stops once every row is. ``streamer`` receives each step's
     tokens [B]. ``compile`` runs the decode step through ``torch.compile`` over a static
     cache. ``speculative`` drafts with the MTP modules and verifies (one prompt, no
-    padding; None: only where it pays, see ``speculation_pays``), counting rounds and
-    acceptances into ``stats``. Bad arguments raise ``SamplingError`` (a ValueError and
-    a UserError).
+    padding; off by default: no model here has yet measured faster with it, see
+    BENCHMARKS.md), counting rounds and acceptances into ``stats``. Bad arguments raise
+    ``SamplingError`` (a ValueError and a UserError).
     """
     check_sampling(temperature, top_k, top_p)
     if seed is not None and generator is not None:
@@ -55,9 +55,6 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     device = model.device
     prompt_ids = prompt_ids.to(device)
     mask, padded = _check_prompt(model, prompt_ids, attention_mask, max_new_tokens)
-    if speculative is None:
-        speculative = (speculation_pays(model) and prompt_ids.shape[0] == 1 and not padded
-                       and use_cache and not compile)
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
     if speculative:

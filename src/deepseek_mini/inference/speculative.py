@@ -29,12 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from ..model.cache import LatentCache
-from ..model.sizes import draft_cost
 from ..model.transformer import DeepSeekMini
 from .sampling import probabilities
 
 Streamer = Callable[[torch.Tensor], None]
-MAX_DRAFT_COST = 0.0
 
 
 @dataclass
@@ -212,9 +210,3 @@ def _count(stats: SpeculativeStats | None, depths: int, kept: int) -> None:
         stats.first_drafted += 1
         stats.first_accepted += kept > 0
 
-
-def speculation_pays(model: DeepSeekMini) -> bool:
-    """Whether ``generate`` drafts by default: only a model with MTP modules whose draft
-    costs at most ``MAX_DRAFT_COST`` of a step (see BENCHMARKS.md, issue 15)."""
-    cfg = model.config
-    return cfg.mtp_depth > 0 and draft_cost(cfg) <= MAX_DRAFT_COST
