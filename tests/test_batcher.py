@@ -71,6 +71,22 @@ def add_prompt(model: DeepSeekMini, cache, prompt: list[int]) -> None:
 
 @torch.inference_mode()
 def test_rows_join_leave_and_compact_without_changing_anyones_logits(model):
+    rows_join_leave_and_compact(model)
+
+
+@torch.inference_mode()
+def test_rows_join_leave_and_compact_in_the_deepseek_v3_layout():
+    """The rope keys a latent_rope cache holds beside the latents move with their rows."""
+    torch.manual_seed(0)
+    cfg = tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48,
+                                attention="latent_rope", router="sigmoid", qk_nope_head_dim=12,
+                                qk_rope_head_dim=8, v_head_dim=12, kv_latent_dim=20)
+    model = DeepSeekMini(cfg.model).eval()
+    assert model.new_cache(1, 4).rope_keys is not None
+    rows_join_leave_and_compact(model)
+
+
+def rows_join_leave_and_compact(model: DeepSeekMini) -> None:
     cache = model.new_cache(0, 32)
     add_prompt(model, cache, [5, 6, 7])
     add_prompt(model, cache, [8, 9, 10, 11, 12, 13])

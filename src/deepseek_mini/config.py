@@ -62,6 +62,8 @@ class ModelConfig:
     seq_aux_loss_coef: float = 0.0
     first_k_dense: int = 0
     dense_hidden: int = 0
+    mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3); 0 = none
+    mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
 
     @property
     def head_dim(self) -> int:
@@ -82,7 +84,7 @@ class ModelConfig:
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "kv_latent_dim", "rope_theta", "max_position", "num_experts", "top_k",
                   "expert_hidden", "norm_eps")
-        _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef")
+        _non_negative(self, "num_shared_experts", "aux_loss_coef", "z_loss_coef", "mtp_depth")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
                               f"model.num_heads ({self.num_heads})")
@@ -108,6 +110,7 @@ class ModelConfig:
         if self.first_k_dense >= self.num_layers:
             raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
                               f"model.num_layers ({self.num_layers}): at least one MoE layer")
+        _one_of(self, "mtp_ffn", ("moe", "dense"))
         self._validate_groups()
 
     def _validate_groups(self) -> None:
@@ -179,14 +182,18 @@ class TrainConfig:
     parallel: str = "none"
     threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
+    mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
+    trainable: str = "all"  # all | mtp (only the MTP modules, on a frozen model)
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         _one_of(self, "precision", ("auto", "fp16", "bf16", "fp32"))
         _one_of(self, "parallel", ("none", "ddp", "fsdp"))
+        _one_of(self, "trainable", ("all", "mtp"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval")
-        _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip")
+        _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
+                      "mtp_loss_weight")
         for key in ("threads", "decay_steps"):
             if getattr(self, key) is not None:
                 _positive(self, key)
@@ -254,6 +261,9 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.train.trainable == "mtp" and self.model.mtp_depth == 0:
+            raise ConfigError("train.trainable is 'mtp' but model.mtp_depth is 0: set "
+                              "model.mtp_depth to the number of MTP modules to train")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -276,7 +286,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
 ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
                     "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
-                    "dense_hidden")
+                    "dense_hidden", "mtp_depth", "mtp_ffn")
 
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:

@@ -222,12 +222,17 @@ def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: i
 
 
 def deepseek_forward(model: torch.nn.Module,
-                     autocast: Callable[[], AbstractContextManager] = nullcontext) -> Forward:
+                     autocast: Callable[[], AbstractContextManager] = nullcontext,
+                     mtp_nll: torch.Tensor | None = None) -> Forward:
     """Our model's summed CE (through the chunked LM-head loss, never the full logits)
-    and its router statistics."""
+    and its router statistics. Given ``mtp_nll`` (a float64 scalar on the device), the
+    MTP modules run too and their mean CE, times the batch's targets, is added to it;
+    otherwise they are skipped, so the CE is the main head's alone either way."""
     def forward(inputs: torch.Tensor, targets: torch.Tensor):
         with autocast():
-            out = model(inputs, targets=targets)
+            out = model(inputs, targets=targets, mtp=mtp_nll is not None)
+        if mtp_nll is not None and out.mtp_ce is not None:
+            mtp_nll.add_(out.mtp_ce.double() * targets.numel())
         return out.ce.double() * targets.numel(), out.expert_counts, out.router_entropy
 
     return forward

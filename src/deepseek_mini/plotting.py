@@ -85,7 +85,9 @@ def loss_figure(rows: Rows) -> Any | None:
     ce_ax, aux_ax = fig.subplots(2, 1, sharex=True)
     ce_ax.set_title("cross-entropy (nats/token)")
     aux_ax.set_title("auxiliary losses (load balance + router z-loss)")
-    drawn = _lines(ce_ax, rows, [("ce", "train"), ("val_ce", "validation")], "CE")
+    drawn = _lines(ce_ax, rows, [("ce", "train"), ("val_ce", "validation"),
+                                 ("mtp_ce", "MTP (train)"), ("val_mtp_ce", "MTP (validation)")],
+                   "CE")
     ce_ax.set_xlabel("")
     drawn |= _lines(aux_ax, rows, [("aux", "aux (train)"), ("balance_loss", "load balance"),
                                    ("z_loss", "z-loss")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import select
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..inference.generate import Streamer, generate
 from ..inference.loading import load_for_inference
 from ..inference.prompts import completion_text, encode_prompts
 from ..inference.sampling import CLI_NAMES, check_sampling
+from ..inference.speculative import SpeculativeStats
 from ..inference.streaming import IncrementalDecoder
 from ..train.precision import DTYPES, resolve_device
 from .threads import print_note, use_threads
@@ -99,6 +101,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
     if args.compile and args.no_cache:
         raise UserError("--compile compiles the cached decode step: drop --no-cache")
+    if args.speculative and (args.compile or args.no_cache):
+        raise UserError("--speculative verifies drafts over the eager cache: drop "
+                        + ("--compile" if args.compile else "--no-cache"))
 
 
 def stdout_streamer(tok: Tokenizer) -> tuple[Streamer, Callable[[], None]]:
@@ -136,17 +141,39 @@ def run(args: argparse.Namespace) -> None:
               f"tokens) and --max-new-tokens {args.max_new_tokens} exceed model.max_position "
               f"{model.config.max_position}", file=sys.stderr)
     print_note(note)
+    stats = SpeculativeStats()
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, use_cache=not args.no_cache, eos_id=tok.eos_id,
-                   compile=args.compile, attention_mask=mask)
+                   compile=args.compile, attention_mask=mask, speculative=args.speculative,
+                   stats=stats)
+    started = time.perf_counter()
     if len(prompts) == 1:
         stream, finish = stdout_streamer(tok)
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        generate(model, ids, max_new, streamer=stream, **options)
+        out = generate(model, ids, max_new, streamer=stream, **options)
         finish()
-        return
-    out = generate(model, ids, max_new, **options)[:, ids.shape[1]:].tolist()
-    for i, (prompt, new_ids) in enumerate(zip(prompts, out, strict=True)):
-        print(f"--- sample {i + 1} ---")
-        print(prompt + completion_text(tok, new_ids))
+    else:
+        out = generate(model, ids, max_new, **options)
+        for i, (prompt, new_ids) in enumerate(zip(prompts, out[:, ids.shape[1]:].tolist(),
+                                                  strict=True)):
+            print(f"--- sample {i + 1} ---")
+            print(prompt + completion_text(tok, new_ids))
+    if args.stats:
+        print_stats(out.shape[0] * (out.shape[1] - ids.shape[1]),
+                    time.perf_counter() - started, stats)
+
+
+def print_stats(new_tokens: int, seconds: float, stats: SpeculativeStats) -> None:
+    """Decoding speed on stderr (so the text on stdout stays clean), with the speculative
+    rounds' acceptance when there were any."""
+    line = (f"stats: {new_tokens} new tokens in {seconds:.2f}s, "
+            f"{new_tokens / max(seconds, 1e-9):.1f} tokens/s (prompt included)")
+    if stats.rounds:
+        line += (f"; speculative: {stats.rounds} verification steps, "
+                 f"{stats.accepted_per_round:.2f} drafts accepted per step "
+                 f"({stats.accepted}/{stats.drafted}), first draft accepted "
+                 f"{100 * stats.first_acceptance:.0f}% of the time")
+    else:
+        line += "; plain decoding"
+    print(line, file=sys.stderr)

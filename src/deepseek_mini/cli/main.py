@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile (a static cache; see "
                         "BENCHMARKS.md for where it pays)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
+                   help="draft with the model's MTP modules and verify (one prompt); off "
+                        "by default until a model measures faster with it (BENCHMARKS.md)")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s and, when speculating, accepted drafts per step")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to decode")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],

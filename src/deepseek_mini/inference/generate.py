@@ -6,6 +6,7 @@ lengths share a batch by left padding: ``attention_mask`` marks the real tokens,
 padding, and each token's RoPE position is its index among its row's real tokens, so every
 row gets exactly the tokens it would get alone. ``use_cache=False`` recomputes the whole
 sequence at every step instead, the reference the cache is checked against.
+``speculative=True`` decodes with the model's MTP modules as drafters (speculative.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..model.cache import LatentCache
 from ..model.moe import exclude_from_compile
 from ..model.transformer import DeepSeekMini
 from .sampling import SamplingError, check_sampling, next_token
+from .speculative import Sampler, SpeculativeStats, speculative_generate
 
 Streamer = Callable[[torch.Tensor], None]
 
@@ -29,7 +31,9 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
              *, seed: int | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, eos_id: int | None = None,
              attention_mask: torch.Tensor | None = None,
-             streamer: Streamer | None = None, compile: bool = False) -> torch.Tensor:
+             streamer: Streamer | None = None, compile: bool = False,
+             speculative: bool = False,
+             stats: SpeculativeStats | None = None) -> torch.Tensor:
     """Continue ``prompt_ids`` [B, T]; returns ``[B, T + n]`` ids, ``n <= max_new_tokens``.
 
     ``temperature`` 0 is greedy; otherwise logits are divided by it and filtered by
@@ -38,7 +42,10 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     left padding. A row that produces ``eos_id`` is finished and continues with
     ``eos_id``; generation stops once every row is. ``streamer`` receives each step's
     tokens [B]. ``compile`` runs the decode step through ``torch.compile`` over a static
-    cache. Bad arguments raise ``SamplingError`` (a ValueError and a UserError).
+    cache. ``speculative`` drafts with the MTP modules and verifies (one prompt, no
+    padding; off by default: no model here has yet measured faster with it, see
+    BENCHMARKS.md), counting rounds and acceptances into ``stats``. Bad arguments raise
+    ``SamplingError`` (a ValueError and a UserError).
     """
     check_sampling(temperature, top_k, top_p)
     if seed is not None and generator is not None:
@@ -50,6 +57,11 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     mask, padded = _check_prompt(model, prompt_ids, attention_mask, max_new_tokens)
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
+    if speculative:
+        _check_speculative(model, prompt_ids, padded, use_cache, compile)
+        return speculative_generate(model, prompt_ids, max_new_tokens,
+                                    Sampler(temperature, top_k, top_p, generator), eos_id,
+                                    streamer, stats)
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + max_new_tokens
     ids = torch.empty(batch, total, dtype=torch.long, device=device)
@@ -107,6 +119,19 @@ def compiled_decode_one(backend: str = "inductor") -> Callable[..., torch.Tensor
     graphs are kept per model and shape), the grouped expert product left to eager mode."""
     exclude_from_compile()
     return torch.compile(decode_one, backend=backend, dynamic=False)
+
+
+def _check_speculative(model: DeepSeekMini, prompt_ids: torch.Tensor, padded: bool,
+                       use_cache: bool, compile: bool) -> None:
+    if model.config.mtp_depth == 0:
+        raise SamplingError("speculative decoding drafts with MTP modules, and this model "
+                            "has none (model.mtp_depth is 0)")
+    if prompt_ids.shape[0] != 1 or padded:
+        raise SamplingError(f"speculative decoding takes one unpadded prompt at a time; got "
+                            f"{prompt_ids.shape[0]} rows" + (" with padding" if padded else ""))
+    if not use_cache or compile:
+        raise SamplingError("speculative decoding runs over the eager cache: drop "
+                            + ("use_cache=False" if not use_cache else "compile"))
 
 
 def _check_prompt(model: DeepSeekMini, prompt_ids: torch.Tensor,

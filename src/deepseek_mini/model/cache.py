@@ -83,6 +83,15 @@ class LatentCache:
             self.has_padding = True
         self.slot.fill_(self.length)
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on, as if they had never been appended: a
+        speculative step rolls back past its rejected draft tokens this way (their latents
+        stay in the buffer, unread, until later tokens overwrite them)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.start = self.length = length
+        self.slot.fill_(length)
+
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
         """Store this forward's latents for ``layer``; return all of its latents so far (the
         whole buffer on the static path, where the mask hides what is not yet written)."""
@@ -121,10 +130,18 @@ class LatentCache:
 
     # --- rows joining and leaving a running batch (the server's continuous batching) ---
 
+    def _layer_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The per-layer, per-token buffers: the latents, and the rope keys if any."""
+        buffers = [("latents", self.latents)]
+        if self.rope_keys is not None:
+            buffers.append(("rope_keys", self.rope_keys))
+        return buffers
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices, in their new order): finished requests leave the
         batch and the next step runs the others alone."""
-        self.latents = self.latents[:, rows]
+        for name, buffer in self._layer_buffers():
+            setattr(self, name, buffer[:, rows])
         self.positions = self.positions[rows]
         self.valid = self.valid[rows]
         if self.batch_size == 0:
@@ -143,15 +160,17 @@ class LatentCache:
         if other.length > self.length:
             self.valid[:, self.length:other.length] = False
             self.length = other.length
-        layers, rows, _, width = other.latents.shape
+        rows = other.batch_size
         first, end = self.length - other.length, self.length
-        latents = self.latents.new_zeros(layers, rows, self.max_len, width)
-        latents[:, :, first:end] = other.latents[:, :, :other.length]
+        for name, buffer in self._layer_buffers():
+            theirs = getattr(other, name)
+            joined = buffer.new_zeros(buffer.shape[0], rows, self.max_len, buffer.shape[-1])
+            joined[:, :, first:end] = theirs[:, :, :other.length]
+            setattr(self, name, torch.cat([buffer, joined], dim=1))
         positions = self.positions.new_zeros(rows, self.max_len)
         positions[:, first:end] = other.positions[:, :other.length]
         valid = self.valid.new_zeros(rows, self.max_len)
         valid[:, first:end] = other.valid[:, :other.length]
-        self.latents = torch.cat([self.latents, latents], dim=1)
         self.positions = torch.cat([self.positions, positions])
         self.valid = torch.cat([self.valid, valid])
         self.has_padding = True
@@ -164,9 +183,10 @@ class LatentCache:
         keep = int(valid.sum(-1).max()) if self.batch_size else 0
         # a stable sort on "is real" puts the padding first and keeps the tokens' order
         order = valid.int().argsort(dim=-1, stable=True)[:, self.length - keep:]
-        layers, rows, _, width = self.latents.shape
-        gather = order[None, :, :, None].expand(layers, rows, keep, width)
-        self.latents[:, :, :keep] = self.latents[:, :, :self.length].gather(2, gather)
+        for _, buffer in self._layer_buffers():
+            layers, rows, _, width = buffer.shape
+            gather = order[None, :, :, None].expand(layers, rows, keep, width)
+            buffer[:, :, :keep] = buffer[:, :, :self.length].gather(2, gather)
         self.positions[:, :keep] = self.positions[:, :self.length].gather(1, order)
         self.valid[:, :keep] = valid.gather(1, order)
         self.valid[:, keep:] = False

@@ -14,6 +14,10 @@ E routed experts, k top-k, S shared experts, f expert hidden, m = 3 for swiglu e
   and backward 4 FLOPs per weight per token, plus QKᵀ and AV over ``T`` keys, not halved
   for causality (the PaLM convention).
 - KV cache: ``c`` values per token per layer, 2 bytes each in 16-bit.
+- MTP (``mtp_depth`` D), counted apart from the totals above: per module two norms
+  ``2·h``, the projection ``2·h·h`` and one decoder layer (its MoE, or one expert-sized
+  MLP for ``mtp_ffn: dense``); the embedding and head are shared. A draft costs the
+  module's active matmul weights plus the ``V·h`` head.
 
 With ``attention: latent_rope`` (n nope, r rope, v value dims, q rank q_r): attention is
 ``h·H·(n+r)`` (or ``h·q_r + q_r + q_r·H·(n+r)``) + ``h·(c+r) + c`` + ``c·H·(n+v)`` +
@@ -62,6 +66,28 @@ def total_params(cfg: ModelConfig) -> int:
     return cfg.vocab_size * h + head + layers + h
 
 
+def mtp_layer_params(cfg: ModelConfig, active: bool = False) -> int:
+    """One MTP module's weights (``active``: those one token uses)."""
+    h = cfg.hidden_size
+    if cfg.mtp_ffn == "dense":
+        ffn = expert_params(cfg)
+    else:
+        idle = (cfg.num_experts - cfg.top_k) * expert_params(cfg) if active else 0
+        ffn = moe_params(cfg) - idle
+    return 2 * h + 2 * h * h + attention_params(cfg) + ffn + 2 * h
+
+
+def mtp_params(cfg: ModelConfig) -> int:
+    return cfg.mtp_depth * mtp_layer_params(cfg)
+
+
+def draft_cost(cfg: ModelConfig) -> float:
+    """One MTP draft's matmul weights over one main decoding step's: the share of a step
+    each guess costs on a device bound by reading weights."""
+    return ((mtp_layer_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size)
+            / matmul_params_per_token(cfg))
+
+
 def active_params(cfg: ModelConfig) -> int:
     moe_layers = cfg.num_layers - cfg.first_k_dense
     idle = moe_layers * (cfg.num_experts - cfg.top_k) * expert_params(cfg)
@@ -103,4 +129,5 @@ def report(cfg: Config) -> dict[str, int]:
         "flops_per_token": flops_per_token(m, cfg.data.seq_len),
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
         "kv_cache_bytes_per_token_without_mla": plain_kv_cache_bytes_per_token(m),
+        "mtp_params": mtp_params(m),
     }

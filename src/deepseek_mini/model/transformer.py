@@ -3,7 +3,8 @@
 Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``;
 the first ``first_k_dense`` layers have a dense MLP instead of the MoE (DeepSeek-V3).
 ``model.attention`` picks the seed's MLA (attention.py) or the decoupled-RoPE one
-(latent_rope_attention.py); ``model.router`` the MoE's router (router.py).
+(latent_rope_attention.py); ``model.router`` the MoE's router (router.py). With
+``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .latent_rope_attention import LatentRopeAttention
 from .loss import linear_cross_entropy
 from .mask import padded_causal_mask
 from .moe import FeedForward, MoE, exclude_from_compile
+from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
 
@@ -35,8 +37,9 @@ class ModelOutput:
 
     ``expert_counts`` [layers, experts] and ``router_entropy`` [layers] are detached
     statistics of the MoE layers (dense layers have none) for logging (None for a forward
-    with a cache and no targets); reading them
-    is the caller's (synchronising) choice.
+    with a cache and no targets); reading them is the caller's (synchronising) choice.
+    ``trunk`` is the last layer's output at every position before the final norm: what
+    the first MTP module reads.
 
     With targets, ``logits`` are computed only if read: the loss comes from the final
     hidden states without the [tokens, vocab] tensor (cross_entropy.py), so training never
@@ -45,6 +48,7 @@ class ModelOutput:
 
     hidden: torch.Tensor = field(repr=False)
     head: nn.Module = field(repr=False)
+    trunk: torch.Tensor | None = field(default=None, repr=False)  # all positions, pre-norm
     loss: torch.Tensor | None = None
     ce: torch.Tensor | None = None
     aux: torch.Tensor | None = None
@@ -52,6 +56,8 @@ class ModelOutput:
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
     router_entropy: torch.Tensor | None = None
+    mtp_ce: torch.Tensor | None = None  # mean over MTP depths (with targets and MTP modules)
+    mtp_expert_counts: torch.Tensor | None = None  # [MTP MoE layers, experts], with mtp_ce
 
     @cached_property
     def logits(self) -> torch.Tensor:
@@ -59,17 +65,22 @@ class ModelOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    """MLA then MoE; a ``dense_width`` puts one dense MLP of that width in the MoE's place
+    (DeepSeek-V3's ``first_k_dense`` layers, or a cheap MTP drafter with ``model.mtp_ffn:
+    dense``), which reports no router statistics."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int,
+                 dense_width: int | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         attention = (LatentRopeAttention if cfg.attention == "latent_rope"
                      else MultiHeadLatentAttention)
         self.attn = attention(cfg, layer_index)
         self.moe_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        if layer_index < cfg.first_k_dense:
-            self.mlp = FeedForward(cfg.hidden_size, cfg.dense_width, cfg.expert_activation)
-        else:
+        if dense_width is None:
             self.moe = MoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.hidden_size, dense_width, cfg.expert_activation)
 
     @property
     def is_dense(self) -> bool:
@@ -90,11 +101,23 @@ class DeepSeekMini(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, cfg.dense_width if i < cfg.first_k_dense else None)
+            for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Built on the meta device (drawing no random numbers) and initialised after every
+        # main parameter by reset_parameters, so the main model's initial weights do not
+        # depend on mtp_depth. Each module's layer index is its slot in the drafting cache.
+        with torch.device("meta"):
+            self.mtp = nn.ModuleList(
+                MTPModule(cfg.hidden_size, cfg.norm_eps,
+                          DecoderLayer(cfg, k, cfg.expert_hidden if cfg.mtp_ffn == "dense"
+                                       else None))
+                for k in range(cfg.mtp_depth))
+        self.mtp.to_empty(device=self.embed.weight.device)
         cos, sin = rope_tables(cfg.rope_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -119,14 +142,16 @@ class DeepSeekMini(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, mtp: bool = True) -> ModelOutput:
         """``input_ids`` and ``targets`` [B, T] (target -100 is ignored).
 
         ``positions`` [B, T] gives the tokens' RoPE positions (default: 0, 1, ... or, with
         a ``cache``, right after the cached ones) and ``attention_mask`` [B, T] marks real
         tokens (0 for left padding, which no token attends to). With a ``cache``, the
         tokens are appended to it and attend to everything cached before them.
-        ``logits_to_keep > 0`` computes logits for the last positions only.
+        ``logits_to_keep > 0`` computes logits for the last positions only. With targets
+        and MTP modules (unless ``mtp`` is False), ``mtp_ce`` is their mean CE and their
+        router losses join ``aux``.
         """
         batch, steps = input_ids.shape
         if positions is None:
@@ -158,10 +183,11 @@ class DeepSeekMini(nn.Module):
             x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        trunk = x
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        out = ModelOutput(hidden=x, head=self.lm_head)
+        out = ModelOutput(hidden=x, head=self.lm_head, trunk=trunk)
         if targets is None:  # now, under the caller's autocast and grad mode
             out.logits = self.lm_head(x)
         if with_stats:
@@ -170,23 +196,69 @@ class DeepSeekMini(nn.Module):
         if targets is not None:
             out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
                                           targets.flatten())
+            if mtp and len(self.mtp):
+                out.mtp_ce, mtp_stats = self._mtp_loss(trunk, input_ids, targets, positions,
+                                                       attention_mask)
+                if mtp_stats:
+                    out.mtp_expert_counts = torch.stack([s.expert_counts for s in mtp_stats])
+                stats = stats + mtp_stats
             out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
             out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
             out.aux = out.balance_loss + out.z_loss
             out.loss = out.ce + out.aux
         return out
 
+    def _mtp_loss(self, trunk: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
+                  positions: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Mean CE over MTP depths, and their MoE layers' router statistics. Depth k at
+        position i joins depth k-1's state with the embedding of token i + k (input k
+        places on) and is scored on target i + k; each depth is one position shorter."""
+        hidden, ces, stats = trunk, [], []
+        for k, module in enumerate(self.mtp, start=1):
+            steps = input_ids.shape[1] - k
+            if steps <= 0:
+                raise ValueError(f"sequences of {input_ids.shape[1]} tokens are too short for "
+                                 f"model.mtp_depth {len(self.mtp)}")
+            rope = self._rope(positions[:, :steps])
+            mask = (None if attention_mask is None
+                    else padded_causal_mask(attention_mask[:, :steps].bool(), 0))
+            hidden, layer_stats = module(hidden[:, :steps], self.embed(input_ids[:, k:]),
+                                         rope, rope, None, mask, True)
+            ces.append(linear_cross_entropy(self.norm(hidden).flatten(0, 1),
+                                            self.lm_head.weight, targets[:, k:].flatten()))
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return torch.stack(ces).mean(), stats
+
+    def mtp_step(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor,
+                 cache: LatentCache, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` (0-based) over ``hidden`` [B, T, h] and ``tokens`` [B, T] at
+        ``positions`` [B, T], against ``cache`` (one layer per depth, ``new_cache(...,
+        num_layers=mtp_depth)``): depth 0 reserves the slots, deeper depths fill the same
+        slots of their own layer. Returns the module's output [B, T, h] (the next depth's
+        input) and the last position's logits [B, V]."""
+        steps = tokens.shape[1]
+        if depth == 0:
+            cache.append(positions, None)
+        rope_q = self._rope(positions)
+        rope_k = self._rope(cache.key_positions(steps))
+        hidden, _ = self.mtp[depth](hidden, self.embed(tokens), rope_q, rope_k, cache,
+                                    cache.attention_mask(steps), False)
+        return hidden, self.lm_head(self.norm(hidden[:, -1]))
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  static: bool = False) -> LatentCache:
+                  static: bool = False, num_layers: int | None = None) -> LatentCache:
         """An empty cache for ``max_len`` tokens per row (``static``: for a compiled
-        decode step, see cache.py)."""
+        decode step, see cache.py) of the main layers or ``num_layers`` (MTP drafting)."""
         cfg = self.config
         rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
-        return LatentCache(cfg.num_layers, batch_size, max_len, cfg.kv_latent_dim, self.device,
-                           dtype or self.embed.weight.dtype, static, rope_size)
+        return LatentCache(num_layers or cfg.num_layers, batch_size, max_len,
+                           cfg.kv_latent_dim, self.device, dtype or self.embed.weight.dtype,
+                           static, rope_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"

@@ -18,7 +18,7 @@ import torch
 class LogWindow:
     """Sums over the steps since the last log line (the only place they are read)."""
 
-    sums: torch.Tensor  # loss, ce, aux, balance_loss, z_loss, grad_norm over finite steps
+    sums: torch.Tensor  # loss, ce, aux, balance, z, grad_norm, mtp_ce over finite steps
     finite_steps: torch.Tensor
     skipped_total: torch.Tensor
     streak: torch.Tensor  # non-finite steps in a row
@@ -28,7 +28,7 @@ class LogWindow:
 
     @classmethod
     def zeros(cls, device: torch.device) -> LogWindow:
-        return cls(torch.zeros(6, dtype=torch.float64, device=device),
+        return cls(torch.zeros(7, dtype=torch.float64, device=device),
                    torch.zeros((), dtype=torch.int64, device=device),
                    torch.zeros((), dtype=torch.int64, device=device),
                    torch.zeros((), dtype=torch.int64, device=device))
@@ -54,7 +54,8 @@ class LogWindow:
                 "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums.copy_(state["sums"])
+        self.sums.zero_()  # a window saved before mtp_ce existed holds one sum fewer
+        self.sums[:len(state["sums"])] = state["sums"]
         self.finite_steps.fill_(state["finite_steps"])
         self.skipped_total.fill_(state["skipped_total"])
         self.streak.fill_(state["streak"])

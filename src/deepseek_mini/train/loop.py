@@ -39,7 +39,7 @@ from ..threads import busy_note, set_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, set_trainable
 from .precision import Precision, check_fp16_device, setup_precision
 from .resume import check_changes, keep_schedule
 from .run_folder import claim_for_ranks
@@ -108,6 +108,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
     model = initial_model(cfg, ckpt).to(precision.device)
+    set_trainable(model, cfg.train.trainable)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:
         train_model = compile_model(train_model)
@@ -173,7 +174,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
             batch = run.sampler.next_batch(run.ranks.rank, run.ranks.world_size)
             stats, finite = train_step(run.train_model, run.optimizer, batch,
                                        tcfg.micro_batch_size, tcfg.grad_clip, run.precision,
-                                       run.parallel)
+                                       run.parallel, tcfg.mtp_loss_weight)
             run.scheduler.step()
             run.step += 1
             run.tokens_seen += tokens_per_step
@@ -212,9 +213,14 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[
               peak: float, flops: int) -> None:
     cfg = run.cfg
     n_params = sum(p.numel() for p in run.model.parameters())
+    mtp = sum(p.numel() for p in run.model.mtp.parameters())
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     world = run.ranks.world_size
     split = (f"{world} {run.parallel.kind} processes x " if world > 1 else "")
-    log.info(f"model: {n_params:,} parameters, {flops:,} train FLOPs/token; "
+    log.info(f"model: {n_params:,} parameters"
+             + (f" ({mtp:,} in {cfg.model.mtp_depth} MTP modules)" if mtp else "")
+             + (f", {trained:,} trained" if trained < n_params else "")
+             + f", {flops:,} train FLOPs/token; "
              f"{run.precision.describe()}; batch {cfg.train.batch_size} x {cfg.data.seq_len} "
              f"({split}{cfg.train.grad_accum_steps // world} micro batches of "
              f"{cfg.train.micro_batch_size})")
@@ -251,20 +257,23 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
     seconds = max(time.perf_counter() - window.started, 1e-9)
     tokens_per_s = window.tokens_timed / seconds
     mean = [s / finite if finite else math.nan for s in sums]
-    loss, ce, aux, balance, z, grad_norm = mean
+    loss, ce, aux, balance, z, grad_norm, mtp_ce = mean
+    mtp = run.cfg.model.mtp_depth > 0
     mfu = flops * tokens_per_s / peak
     run.last_loss = loss
     elapsed = run.elapsed()
     skipped_now = window.steps - finite
     log.info(f"step {run.step:>6}/{run.cfg.train.max_steps} | loss {loss:.4f} | ce {ce:.4f} | "
-             f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
+             + (f"mtp ce {mtp_ce:.4f} | " if mtp else "")
+             + f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
              f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}%"
              + (f" | skipped {skipped_now} non-finite steps ({skipped} in all)"
                 if skipped_now else ""))
     log.metrics({"step": run.step, "loss": loss, "ce": ce, "aux": aux, "lr": lr,
                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm,
                  "mfu": mfu, "balance_loss": balance, "z_loss": z,
-                 "tokens_seen": run.tokens_seen, "skipped_steps": skipped})
+                 "tokens_seen": run.tokens_seen, "skipped_steps": skipped,
+                 **({"mtp_ce": mtp_ce} if mtp else {})})
     window.reset()
     _raise_on_streak(run, streak)
 
@@ -301,28 +310,33 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     model, device = run.model, run.precision.device
     rank, world = run.ranks.rank, run.ranks.world_size
     mine = batches[rank::world]
-    forward = deepseek_forward(model, run.precision.autocast)
+    mtp = run.cfg.model.mtp_depth > 0
+    mtp_nll = torch.zeros((), dtype=torch.float64, device=device)
+    forward = deepseek_forward(model, run.precision.autocast, mtp_nll if mtp else None)
     model.eval()
     totals = score(forward, mine, device)
+    mine_nll = mtp_nll.clone()  # the repeated batch below is discarded
     if len(mine) < math.ceil(len(batches) / world):
         score(forward, batches[:1], device)
     model.train()
     sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
-                                       totals.counts.flatten(), totals.entropy])).cpu()
+                                       mine_nll[None], totals.counts.flatten(),
+                                       totals.entropy])).cpu()
     tokens = float(sums[1])
     val_ce = float(sums[0]) / tokens
+    val_mtp_ce = float(sums[2]) / tokens
     layers = run.cfg.model.num_layers
-    usage = ExpertUsage.from_counts(sums[2:-layers].view(layers, -1), sums[-layers:] / tokens)
+    usage = ExpertUsage.from_counts(sums[3:-layers].view(layers, -1), sums[-layers:] / tokens)
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce
     run.last_val = val_ce
     log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)}) | "
-             f"{usage.summary()}")
+             + (f"val mtp ce {val_mtp_ce:.4f} | " if mtp else "") + usage.summary())
     for warning in run.watch.update(usage):
         log.info(warning)
     log.metrics({"step": run.step, "val_ce": val_ce, "best_val_ce": run.best_val,
-                 **usage.to_dict()})
+                 **({"val_mtp_ce": val_mtp_ce} if mtp else {}), **usage.to_dict()})
     return improved
 
 

@@ -17,6 +17,14 @@ from torch import nn
 from ..config import TrainConfig
 
 
+def set_trainable(model: nn.Module, trainable: str) -> None:
+    """``train.trainable``: ``mtp`` freezes everything but the MTP modules (the shared
+    embedding and head included), so the main model's forward builds no graph and only
+    the modules' parameters reach the optimizer; ``all`` trains everything."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable == "all" or name.startswith("mtp."))
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Matrices (``dim >= 2``: linear, expert and embedding weights) decay; the rest not."""
     params = [p for p in model.parameters() if p.requires_grad]

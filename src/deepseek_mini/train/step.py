@@ -17,11 +17,12 @@ from .precision import Precision
 
 
 def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size: int,
-                         precision: Precision, parallel: Parallel | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         precision: Precision, parallel: Parallel | None = None,
+                         mtp_loss_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over ``batch`` [rows, seq_len + 1] in micro batches, leaving
-    the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z) and the
-    expert loads summed over the micro batches [moe layers, experts].
+    the mean gradient in ``.grad``. Returns the mean (loss, ce, aux, balance, z, mtp_ce)
+    and the expert loads summed over the micro batches [moe layers, experts]; with MTP
+    modules the loss is ``ce + aux + mtp_loss_weight * mtp_ce`` (else mtp_ce 0).
 
     The load-balance term is a statistic of whichever batch the router sees, so it is
     computed per micro batch; everything else matches one pass over the whole batch.
@@ -30,23 +31,31 @@ def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size
     """
     parallel = parallel or Parallel()
     micro = batch.to(precision.device, non_blocking=True).split(micro_batch_size)
-    losses = torch.zeros(5, device=precision.device)
+    losses = torch.zeros(6, device=precision.device)
     loads = 0
     for i, chunk in enumerate(micro):
         with parallel.gradient_sync(model, last=i == len(micro) - 1):
             with precision.autocast():
                 out = model(chunk[:, :-1], targets=chunk[:, 1:])
-            precision.scaler.scale(out.loss / len(micro)).backward()
-        losses += torch.stack([out.loss, out.ce, out.aux, out.balance_loss,
-                               out.z_loss]).detach().float()
-        loads = loads + out.expert_counts
+            loss, mtp_ce = out.loss, out.mtp_ce
+            if mtp_ce is None:
+                mtp_ce = torch.zeros_like(out.ce)
+            else:
+                loss = loss + mtp_loss_weight * mtp_ce
+            precision.scaler.scale(loss / len(micro)).backward()
+        losses += torch.stack([loss, out.ce, out.aux, out.balance_loss, out.z_loss,
+                               mtp_ce]).detach().float()
+        loads = loads + (out.expert_counts if out.mtp_expert_counts is None
+                         else torch.cat([out.expert_counts, out.mtp_expert_counts]))
     return losses / len(micro), loads
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tensor,
                micro_batch_size: int, grad_clip: float, precision: Precision,
-               parallel: Parallel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step. Returns the step's (loss, ce, aux, balance, z, grad norm) and
+               parallel: Parallel | None = None, mtp_loss_weight: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step. Returns the step's (loss, ce, aux, balance, z, grad norm,
+    mtp_ce) (mtp_ce last, so a log window saved before it existed still lines up) and
     whether it was finite, both on the device, without waiting for it: a non-finite step
     is skipped by the fused kernel itself and leaves weights and optimizer state as they
     were. Under ``parallel`` the losses are the mean over ranks, so every rank logs and
@@ -55,7 +64,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
     After the step, DeepSeek-V3's sigmoid routers move their expert biases by the step's
     expert loads, summed over ranks so that every rank's biases stay equal (router.py)."""
     parallel = parallel or Parallel()
-    losses, loads = accumulate_gradients(model, batch, micro_batch_size, precision, parallel)
+    losses, loads = accumulate_gradients(model, batch, micro_batch_size, precision, parallel,
+                                         mtp_loss_weight)
     losses = parallel.mean(losses)
     scaler = precision.scaler
     scaler.unscale_(optimizer)
@@ -72,7 +82,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
         del optimizer.found_inf
     routers = sigmoid_routers(model)
     if routers:  # (fp16: a step the scaler skips for overflowed gradients still moves them)
-        update_router_biases(routers, parallel.sum(loads), finite)
+        loads = parallel.sum(loads)
+        # train.trainable=mtp: a frozen model's biases stay as they are
+        trained = [i for i, router in enumerate(routers) if router.weight.requires_grad]
+        if trained:
+            update_router_biases([routers[i] for i in trained], loads[trained], finite)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return torch.cat([losses, grad_norm.reshape(1).float()]), finite
+    return torch.cat([losses[:5], grad_norm.reshape(1).float(), losses[5:]]), finite
