@@ -3,10 +3,16 @@ configs and the tiny training setup are in tiny_run.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# One OpenMP thread for the whole session, set before torch starts its pool: the commands'
+# own thread defaults (threads.py) keep OMP_NUM_THREADS, so no test spins up a second
+# thread, and the distributed tests' forked ranks never inherit a pool that fork broke.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
