@@ -22,6 +22,8 @@ from torch import nn
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.config import ModelConfig
+from deepseek_mini.interop.hf_layout import hf_config as exported_hf_config
+from deepseek_mini.interop.hf_layout import native_blocker
 from deepseek_mini.model.sizes import flops_per_token
 from deepseek_mini.model.transformer import compile_model
 from deepseek_mini.train.precision import Precision, setup_precision
@@ -86,13 +88,18 @@ def build_plain(cfg: Config) -> Contender:
 
 
 def hf_config(m: ModelConfig):
-    """DeepseekV3 at our sizes. What cannot match: its MLA rebuilds K/V for every query
-    head (``kv_b_proj``: latent → heads × (nope + v)) where ours shares one KV head, and
-    its RoPE runs on a separate ``qk_rope_head_dim`` slice (a third of the head, as in
-    DeepSeek-V3's 64 of 192) carried next to the latent instead of over the whole head.
-    Query and value heads keep our head_dim, so attention FLOPs per key are the same."""
+    """DeepseekV3 at our sizes: exactly our model where it is DeepSeek-V3's layout (what
+    ``deepseek-mini export`` writes), else the nearest. For the seed's layout what cannot
+    match: its MLA rebuilds K/V for every query head (``kv_b_proj``: latent → heads ×
+    (nope + v)) where ours shares one KV head, and its RoPE runs on a separate
+    ``qk_rope_head_dim`` slice (a third of the head, as in DeepSeek-V3's 64 of 192) carried
+    next to the latent instead of over the whole head. Query and value heads keep our
+    head_dim, so attention FLOPs per key are the same."""
     from transformers import DeepseekV3Config
 
+    if native_blocker(m) is None:
+        exact = exported_hf_config(m, bos_id=None, eos_id=None)
+        return DeepseekV3Config(**{**exact, "eos_token_id": None, "pad_token_id": 0})
     head_dim = m.head_dim
     rope_dim = max(2, head_dim // 3 // 2 * 2)
     return DeepseekV3Config(
