@@ -48,6 +48,16 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a config key; the value is read as YAML (repeatable)")
 
 
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    """Where and how a checkpoint is loaded to decode (generate, serve)."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to decode")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="weight dtype for decoding")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (None: the checkpoint's)")
+    _add_threads(p, "1 thread")
+
+
 def _add_threads(p: argparse.ArgumentParser, default_is: str) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"CPU threads for torch (None: {default_is}, as measured fastest; "
@@ -100,12 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "by default until a model measures faster with it (BENCHMARKS.md)")
     p.add_argument("--stats", action="store_true",
                    help="print tokens/s and, when speculating, accepted drafts per step")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to decode")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype for decoding")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (None: the checkpoint's)")
-    _add_threads(p, "1 thread")
+    _add_decoding(p)
 
     p = sub.add_parser("eval", help="held-out loss of a checkpoint or a transformers model")
     source = p.add_mutually_exclusive_group(required=True)
@@ -156,15 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together; more wait for a free row")
-    _add_threads(p, "1 thread")
     p.add_argument("--model-name", default="deepseek-mini",
                    help="the model's id in the API")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to decode")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype for decoding")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer (None: the checkpoint's)")
+    _add_decoding(p)
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
                                         "offline use")
