@@ -16,8 +16,13 @@ from decode import decode_rate
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.model.sizes import kv_cache_bytes_per_token
 
-LAYOUTS = {"seed (configs/base.yaml)": "configs/base.yaml",
-           "v3-mini absorbed (configs/deepseek-v3-mini.yaml)": "configs/deepseek-v3-mini.yaml"}
+# name -> (config, overrides): the seed's layout as shipped (GELU experts), with
+# DeepSeek-V3's SwiGLU experts (the like-for-like comparison), and deepseek-v3-mini
+LAYOUTS = {
+    "seed (configs/base.yaml, GELU experts)": ("configs/base.yaml", []),
+    "seed, SwiGLU experts": ("configs/base.yaml", ["model.expert_activation=swiglu"]),
+    "v3-mini absorbed (configs/deepseek-v3-mini.yaml)": ("configs/deepseek-v3-mini.yaml", []),
+}
 
 
 def main() -> None:
@@ -31,9 +36,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {}
-    for name, path in LAYOUTS.items():
+    for name, (path, overrides) in LAYOUTS.items():
         torch.manual_seed(0)
-        models[name] = DeepSeekMini(Config.from_yaml(path).model).eval()
+        models[name] = DeepSeekMini(Config.from_yaml(path, overrides).model).eval()
     for batch in args.batch:
         best = dict.fromkeys(models, 0.0)
         for _ in range(args.repeats):
@@ -43,7 +48,7 @@ def main() -> None:
         seed_rate = next(iter(best.values()))
         for name, rate in best.items():
             print(f"batch {batch:2d}  {name:50s} {rate:8.1f} tok/s  {rate / seed_rate:5.2f}x  "
-                  f"cache {kv_cache_bytes_per_token(models[name].config)} B/token")
+                  f"cache {kv_cache_bytes_per_token(models[name].config)} B/token", flush=True)
 
 
 if __name__ == "__main__":
