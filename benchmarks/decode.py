@@ -26,13 +26,13 @@ from deepseek_mini.train.precision import DTYPES
 
 
 def decode_rate(model: DeepSeekMini, batch: int, prompt_len: int, new_tokens: int,
-                use_cache: bool) -> tuple[float, float]:
+                use_cache: bool, compile: bool = False) -> tuple[float, float]:
     """(prefill seconds, decode tokens/s) of one greedy generation."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
                            generator=torch.Generator().manual_seed(0))
     stamps: list[float] = []
     start = time.perf_counter()
-    generate(model, prompt, max_new_tokens=new_tokens, use_cache=use_cache,
+    generate(model, prompt, max_new_tokens=new_tokens, use_cache=use_cache, compile=compile,
              streamer=lambda _: stamps.append(time.perf_counter()))
     return stamps[0] - start, batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 

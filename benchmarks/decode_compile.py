@@ -15,17 +15,9 @@ import argparse
 import time
 
 import torch
+from decode import decode_rate
 
-from deepseek_mini import Config, DeepSeekMini, generate
-
-
-def decode_rate(model: DeepSeekMini, prompt: torch.Tensor, new_tokens: int,
-                compile: bool) -> float:
-    """Decode tokens/s of one greedy generation (steps after the prefill)."""
-    stamps: list[float] = []
-    generate(model, prompt, max_new_tokens=new_tokens, compile=compile,
-             streamer=lambda _: stamps.append(time.perf_counter()))
-    return prompt.shape[0] * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+from deepseek_mini import Config, DeepSeekMini
 
 
 def main() -> None:
@@ -49,17 +41,16 @@ def main() -> None:
     print("| batch | eager tok/s | compiled tok/s | compiled / eager | compile s |")
     print("|---|---|---|---|---|")
     for batch in args.batch:
-        prompt = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_len),
-                               generator=torch.Generator().manual_seed(0))
+        shape = (batch, args.prompt_len, args.new_tokens, True)
         start = time.perf_counter()
-        decode_rate(model, prompt, args.new_tokens, compile=True)  # compiles these shapes
+        decode_rate(model, *shape, compile=True)  # compiles these shapes
         compile_s = time.perf_counter() - start
-        decode_rate(model, prompt, args.new_tokens, compile=False)
+        decode_rate(model, *shape)
         best = {False: 0.0, True: 0.0}
         for _ in range(args.repeats):
             for compiled in (False, True):
                 best[compiled] = max(best[compiled],
-                                     decode_rate(model, prompt, args.new_tokens, compiled))
+                                     decode_rate(model, *shape, compile=compiled)[1])
         print(f"| {batch} | {best[False]:.1f} | {best[True]:.1f} | "
               f"{best[True] / best[False]:.2f}x | {compile_s:.0f} |", flush=True)
 
