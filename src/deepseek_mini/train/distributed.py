@@ -167,6 +167,12 @@ class Parallel:
         set_optimizer_state_dict(model, optimizer, _by_name(optim_state, group_names),
                                  options=options)
 
+    def finish(self) -> None:
+        """Wait for every rank at the end of a run, so none tears the process group down
+        while another is still writing or talking to it."""
+        if self.distributed:
+            dist.barrier(group=self._control)
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

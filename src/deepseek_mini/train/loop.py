@@ -85,8 +85,10 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
         check_fp16_device(precision)
         folder = claim_for_ranks(Path(cfg.train.out_dir), resume, parallel)
         try:
-            return _train(cfg, resume, stop_after, allow_changes, precision, parallel,
-                          folder.notes if folder else [])
+            result = _train(cfg, resume, stop_after, allow_changes, precision, parallel,
+                            folder.notes if folder else [])
+            parallel.finish()
+            return result
         finally:
             if folder is not None:
                 folder.release()
