@@ -139,6 +139,8 @@ def update_router_biases(routers: list[SigmoidRouter], counts: torch.Tensor,
                          enabled: torch.Tensor) -> None:
     """Apply one step's expert loads ``counts`` [moe layers, experts] (summed over micro
     batches and ranks, so every rank moves its biases alike) to ``routers``; ``enabled``
-    is 0 for a skipped step."""
+    is 0 for a skipped step. A frozen router (``train.trainable: mtp``) keeps its bias:
+    the model it routes for is not being trained."""
     for router, load in zip(routers, counts, strict=True):
-        router.update_bias(load, enabled.to(load.device, torch.float32))
+        if router.weight.requires_grad:
+            router.update_bias(load, enabled.to(load.device, torch.float32))

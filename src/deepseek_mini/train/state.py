@@ -106,7 +106,6 @@ class Run:
         self.window.load_state_dict(ckpt["log_window"])
         self.watch.load_state_dict(ckpt["collapse_watch"])
 
-
     def _follow_config_lr(self) -> None:
         """The loaded schedule takes the config's ``lr``: LambdaLR restores the base
         rates it saved, which would ignore an ``lr`` changed on resume. The same product

@@ -82,11 +82,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
         del optimizer.found_inf
     routers = sigmoid_routers(model)
     if routers:  # (fp16: a step the scaler skips for overflowed gradients still moves them)
-        loads = parallel.sum(loads)
-        # train.trainable=mtp: a frozen model's biases stay as they are
-        trained = [i for i, router in enumerate(routers) if router.weight.requires_grad]
-        if trained:
-            update_router_biases([routers[i] for i in trained], loads[trained], finite)
+        update_router_biases(routers, parallel.sum(loads), finite)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return torch.cat([losses[:5], grad_norm.reshape(1).float(), losses[5:]]), finite
