@@ -76,8 +76,8 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     It runs before every save over all weights and optimizer state, so it must be cheap:
     each tensor's min and max (``aminmax``, which propagates NaN and cannot overflow as a
     sum or a 2-norm could) stay on the device, are stacked, and the verdict is read once
-    per device, not a host sync per tensor. Measured at 0.17x the save itself on CPU
-    (BENCHMARKS.md), where a fused ``_foreach_norm`` with ord=inf took 2.1x."""
+    per device, not a host sync per tensor; a fused ``_foreach_norm`` with ord=inf cost
+    more than the save itself on CPU (BENCHMARKS.md, issue 18)."""
     import torch
 
     by_device: dict[Any, list[torch.Tensor]] = {}

@@ -3,10 +3,9 @@
 torch starts one thread per physical core. Every OpenMP barrier waits for the slowest
 thread, and on a machine whose other work keeps the cores busy that thread is often
 descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "issue 17"): decoding, a chain of
-small matrix-vector products, is faster on one thread even on a quiet machine (1.6x for
-the tiny model, 1.1x for the reference one); evaluation and training steps are 1.6-1.7x
-faster on both cores of a quiet machine, and on a busy one (load average above the core
-count) one thread wins, by 10x for a reference-model training step. So the default is
+small matrix-vector products, is faster on one thread even on a quiet machine;
+evaluation and training steps are faster on every core of a quiet machine, and on a busy
+one (load average above the core count) one thread wins, by far. So the default is
 one thread for decoding, and for evaluation and training every physical core unless the
 load average at start-up exceeds the cores, then one. ``OMP_NUM_THREADS`` in the
 environment is the user's choice and is kept. Nothing here prints: commands print
