@@ -11,11 +11,16 @@ from ..data.tokenizer import Tokenizer
 from .sampling import SamplingError
 
 
+def prompt_ids(tok: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's ids, after the end-of-text every training document followed."""
+    return [[tok.eos_id, *ids] for ids in tok.encode_batch(prompts)]
+
+
 def encode_prompts(tok: Tokenizer, prompts: list[str], max_position: int,
                    max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Left-padded ids and mask for ``prompts``, and how many of ``max_new_tokens`` fit in
     ``max_position`` after the longest."""
-    rows = [[tok.eos_id, *ids] for ids in tok.encode_batch(prompts)]
+    rows = prompt_ids(tok, prompts)
     longest = max(len(r) for r in rows)
     if longest > max_position:
         raise SamplingError(f"the prompt is {longest} tokens long but the model reads at most "

@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ..data.tokenizer import Tokenizer
 from ..inference.batcher import Batcher, Finish
 from ..inference.batcher import Request as EngineRequest
+from ..inference.prompts import prompt_ids
 from ..inference.sampling import SamplingError
 from ..inference.streaming import IncrementalDecoder
 from . import params
@@ -69,7 +70,7 @@ class _Job:
 
     def __init__(self, batcher: Batcher, tok: Tokenizer, request: Completion) -> None:
         self.choices = [_Choice(tok, request.stop) for _ in request.prompts]
-        prompts = [[tok.eos_id, *tok.encode(p)] for p in request.prompts]
+        prompts = prompt_ids(tok, request.prompts)
         for ids in prompts:  # every prompt checked before any is queued
             try:
                 batcher.check(ids, request.max_tokens, request.temperature, request.top_k,
