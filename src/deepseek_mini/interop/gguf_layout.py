@@ -112,8 +112,8 @@ def _merged(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for i in range(cfg.first_k_dense, cfg.num_layers):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             prefix = f"model.layers.{i}.mlp.experts."
-            out[f"{prefix}{proj}.weight"] = torch.stack(
-                [hf[f"{prefix}{e}.{proj}.weight"] for e in range(cfg.num_experts)])
+            out[f"{prefix}{proj}.weight"] = torch.stack(  # popped: freed as stacked
+                [hf.pop(f"{prefix}{e}.{proj}.weight") for e in range(cfg.num_experts)])
     return out
 
 
