@@ -29,7 +29,6 @@ const context = await model.createContext({
   experimentalKvCacheValueType: kv,
 });
 const sequence = context.getSequence();
-const vocab = model.fileInsights.tokenizerVocabularySize ?? null;
 
 function logitsArray(map) {
   const out = new Array(map.size);
@@ -70,7 +69,7 @@ for (const prompt of request.prompts) {
 }
 process.stdout.write(JSON.stringify({
   llama_cpp: release.release, node_llama_cpp: version, add_bos: model.tokens.shouldPrependBosToken,
-  bos: model.tokens.bos, vocab, results,
+  bos: model.tokens.bos, results,
 }));
 await context.dispose();
 await model.dispose();

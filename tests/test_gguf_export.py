@@ -294,7 +294,7 @@ def test_export_refuses_what_it_cannot_do_before_writing(tmp_path, data, capsys)
     out = tmp_path / "model.gguf"
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "hf"),
                  "--dtype", "q8_0"]) == 2
-    assert "--dtype applies to --format gguf" in capsys.readouterr().err
+    assert "--dtype q8_0 applies to --format gguf" in capsys.readouterr().err
     out.write_text("mine")
     assert main(["export", "--checkpoint", str(path), "--out", str(out),
                  "--format", "gguf"]) == 2

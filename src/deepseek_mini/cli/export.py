@@ -12,8 +12,9 @@ def run(args: argparse.Namespace) -> None:
     if args.format == "gguf":
         _gguf(args)
         return
-    if args.dtype is not None:
-        raise UserError("--dtype applies to --format gguf; the Hugging Face folder is f32")
+    if args.dtype != "f32":
+        raise UserError(f"--dtype {args.dtype} applies to --format gguf; the Hugging Face "
+                        "folder is f32")
     result = export(args.checkpoint, args.out)
     if result.native:
         print(f"wrote {result.out}: transformers' deepseek_v3 ({result.tensors} tensors), "
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> None:
 def _gguf(args: argparse.Namespace) -> None:
     from ..interop.gguf_export import export_gguf
 
-    result = export_gguf(args.checkpoint, args.out, args.dtype or "f32")
+    result = export_gguf(args.checkpoint, args.out, args.dtype)
     print(f"wrote {result.out}: GGUF for llama.cpp, architecture deepseek2, {result.dtype} "
           f"({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
     if result.kept_f16:

@@ -52,8 +52,8 @@ def _add_gguf_export(p: argparse.ArgumentParser) -> None:
     """export's GGUF options (issue 23)."""
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a Hugging Face folder; gguf: one file for llama.cpp")
-    p.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
-                   help="GGUF weight type (default f32; the hf folder is always f32)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (the hf folder is always f32)")
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
