@@ -1,12 +1,14 @@
 """Where a training step's time goes: torch.profiler over a few full steps of deepseek-mini.
 
     python benchmarks/profile_step.py --config configs/base.yaml --layers 4 --steps 3
+    python benchmarks/profile_step.py --layers 6 --threads 1 --precision bf16 --shapes
 
 The step is the trainer's (forward with targets, backward, gradient clipping, the fused
 AdamW of ``optim.build_optimizer``) with ``record_function`` labels around its phases and
 around the forward of the model's parts (attention, router, routed experts, shared expert,
 LM head + cross-entropy), added here by wrapping, not in the model. Prints the operators
-by self time (CPU or CUDA), then the labelled ranges.
+by self time (CPU or CUDA; ``--shapes`` splits them by input shape), then the labelled
+ranges. ``--precision bf16`` runs the forward under bf16 autocast, as the trainer does.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
+from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 from deepseek_mini.config import TrainConfig  # noqa: E402
 from deepseek_mini.model import transformer as model_module  # noqa: E402
 from deepseek_mini.train.optim import build_optimizer  # noqa: E402
+from deepseek_mini.train.precision import Precision  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
          "moe.router": "router"}
@@ -65,11 +69,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--shapes", action="store_true", help="operators by input shape")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads; 1 makes self CPU time the work itself")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does: no page faults inside the profiled ops
     overrides = list(args.set)
     if args.layers:
         overrides.append(f"model.num_layers={args.layers}")
@@ -79,11 +86,12 @@ def main() -> None:
     model = DeepSeekMini(cfg).to(device)
     label_modules(model)
     optimizer = build_optimizer(model, TrainConfig())
+    precision = Precision(device, args.precision, torch.amp.GradScaler(enabled=False))
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
 
     def step() -> None:
-        with step_range("forward"):
+        with step_range("forward"), precision.autocast():
             loss = model(x, targets=y).loss
         with step_range("backward"):
             loss.backward()
@@ -95,11 +103,11 @@ def main() -> None:
     step()  # warm-up: allocations, optimizer state
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=args.shapes)
     print(events.table(sort_by=sort, row_limit=args.rows))
     total = sum(e.self_cpu_time_total for e in events)
     print(f"{'range':<40}{'total ms/step':>14}{'share':>8}")
