@@ -180,6 +180,7 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over
     threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
     mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
@@ -191,7 +192,8 @@ class TrainConfig:
         _one_of(self, "parallel", ("none", "ddp", "fsdp"))
         _one_of(self, "trainable", ("all", "mtp"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
-                  "eval_interval", "eval_batches", "save_interval", "sample_interval")
+                  "eval_interval", "eval_batches", "save_interval", "sample_interval",
+                  "expert_parallel")
         _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                       "mtp_loss_weight")
         for key in ("threads", "decay_steps"):
@@ -261,6 +263,13 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.model.num_experts % self.train.expert_parallel:
+            raise ConfigError(f"train.expert_parallel ({self.train.expert_parallel}) must divide "
+                              f"model.num_experts ({self.model.num_experts}): each rank of an "
+                              "expert-parallel group holds the same number of experts")
+        if self.train.expert_parallel > 1 and self.train.parallel == "none":
+            raise ConfigError(f"train.expert_parallel={self.train.expert_parallel} needs "
+                              "train.parallel ddp or fsdp (a torchrun launch)")
         if self.train.trainable == "mtp" and self.model.mtp_depth == 0:
             raise ConfigError("train.trainable is 'mtp' but model.mtp_depth is 0: set "
                               "model.mtp_depth to the number of MTP modules to train")
