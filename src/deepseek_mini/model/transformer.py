@@ -29,6 +29,7 @@ from .moe import FeedForward, MoE, exclude_from_compile
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
+from .router import sigmoid_routers
 
 
 @dataclass
@@ -118,6 +119,8 @@ class DeepSeekMini(nn.Module):
                                        else None))
                 for k in range(cfg.mtp_depth))
         self.mtp.to_empty(device=self.embed.weight.device)
+        for router in sigmoid_routers(self.mtp):  # to_empty leaves buffers uninitialised
+            router.expert_bias.zero_()
         cos, sin = rope_tables(cfg.rope_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
