@@ -121,6 +121,10 @@ class Parallel:
                 for experts in self.experts.modules.values():
                     fully_shard(experts, mesh=self.experts.mesh.replica_mesh, mp_policy=policy)
                     experts.set_gradient_divide_factor(float(self.ranks.world_size))
+                    # gloo has no pre-multiplied sum: a sum, then the division (not on a
+                    # mesh of one, where FSDP would divide twice, PyTorch 2.13)
+                    if precision.device.type == "cpu" and self.experts.mesh.replicas > 1:
+                        experts.set_force_sum_reduction_for_comms(True)
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)
