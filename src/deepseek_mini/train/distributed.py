@@ -242,12 +242,6 @@ class Parallel:
         set_optimizer_state_dict(model, optimizer, _by_name(optim_state, group_names),
                                  options=options)
 
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The optimizer's parameters' names in ``optimizer.state_dict()``'s index order."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
     def finish(self) -> None:
         """Wait for every rank at the end of a run, so none tears the process group down
         while another is still writing or talking to it."""
@@ -257,6 +251,12 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters' names in ``optimizer.state_dict()``'s index order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def _by_index(state: dict[str, Any]) -> dict[str, Any]:
