@@ -8,22 +8,38 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import free_port
-from tiny_run import SMALL_MODEL, TINY_YAML
+from test_distributed import (
+    DISTRIBUTED,
+    assert_same_run,
+    free_port,
+    one_process,
+    train_args,
+    two_processes,
+)
+from tiny_run import SMALL_MODEL, TINY_YAML, tiny_overrides
 
 from deepseek_mini import Config
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli.main import main
+from deepseek_mini.data.instruct import sample_prompt
+from deepseek_mini.data.tokens import prepare_data
 from deepseek_mini.inference.generate import generate
+from deepseek_mini.inference.prompts import completion_text
 from deepseek_mini.model.transformer import DeepSeekMini
 from deepseek_mini.train.distributed import Parallel, Ranks
 from deepseek_mini.train.expert_parallel import ExpertParallelExperts
+from deepseek_mini.train.loop import SAMPLE_TOKENS, first_document
 from deepseek_mini.train.optim import build_optimizer
 from deepseek_mini.train.precision import setup_precision
 from deepseek_mini.train.step import accumulate_gradients, train_step
@@ -33,6 +49,7 @@ ATOL = 1e-5
 # the last bits of a sum in another order move the update by a share of lr: at the tiny
 # config's 3e-3, even plain DDP drifted 1.5e-5 from one process on the V3 layout in 3 steps.
 LR = 1e-3
+CLIP = 0.01  # below every step's gradient norm: the clipping is part of what must match
 STEPS = 3
 needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork")
 
@@ -172,12 +189,13 @@ def _check(case: Case, parallel: Parallel, world: int) -> None:
     reference.zero_grad(set_to_none=True)
     optimizer.zero_grad(set_to_none=True)
 
-    # Three optimizer steps: losses, grad norm, then weights and AdamW state
+    # Three optimizer steps, the gradients clipped: losses, grad norm, weights, AdamW state
     for batch in batches[1:]:
-        ref_stats, _ = train_step(reference, ref_opt, batch, group_micro, 1.0, precision)
+        ref_stats, _ = train_step(reference, ref_opt, batch, group_micro, CLIP, precision)
         stats, _ = train_step(train_model, optimizer, parallel.batch(_Sampler(batch), case.micro),
-                              case.micro, 1.0, precision, parallel)
+                              case.micro, CLIP, precision, parallel)
         _close(stats, ref_stats, where)
+        assert ref_stats[5] > CLIP, "the clipping is not tested"
     model_state, optim_state = parallel.full_state(model, optimizer)
     if parallel.ranks.is_main:
         _assert_state(model_state, optim_state, reference, ref_opt, where)
@@ -249,3 +267,124 @@ def test_ep2_by_dp2_matches_one_process():
 def test_a_forced_router_sends_every_token_to_one_expert():
     """Rank 0's tokens all leave it and its experts get none; training still matches."""
     spawn(check_cases, 2, ["ddp", "fsdp"], [FORCED])
+
+
+# The command line: the tiny training setup of test_distributed.py (global batch 4). Two EP
+# ranks with micro batches of 1 dispatch 2 rows together: one process with micro batches
+# of 2 is the run they must reproduce. Validation batches are micro batches, so both score
+# every validation window (eval_batches above their number) to score the same tokens.
+EP = ["--set", "train.expert_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def ep_overrides(tmp_path_factory) -> list[str]:
+    return [*tiny_overrides(tmp_path_factory.mktemp("ep-data")), *DISTRIBUTED,
+            "train.eval_batches=1000"]
+
+
+@pytest.fixture(scope="module")
+def ep_reference(ep_overrides, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ep-reference")
+    one_process(train_args(ep_overrides, out, "--set", "train.micro_batch_size=2"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep_run(ep_overrides, tmp_path_factory) -> Path:
+    """The user-facing launch: torchrun, FSDP on the dense rest, experts split 2 ways."""
+    out = tmp_path_factory.mktemp("ep-run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "deepseek_mini",
+           *train_args(ep_overrides, out, "--set", "train.parallel=fsdp", *EP)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_ep_under_torchrun_matches_one_process(ep_run, ep_reference):
+    """Losses, validation, global expert counts, weights and AdamW state of 8 steps."""
+    assert_same_run(ep_run, ep_reference)
+    log = (ep_run / "train.log").read_text()
+    assert "2 fsdp processes (routed experts split over groups of 2) x 2 micro batches" in log
+    want = (ep_reference / "train.log").read_text()
+    assert re.search(r"model: ([\d,]+) parameters", log)[1] == re.search(
+        r"model: ([\d,]+) parameters", want)[1]
+
+
+@needs_fork
+def test_an_ep_run_stopped_and_resumed_equals_the_uninterrupted_run(ep_overrides, ep_run,
+                                                                    tmp_path):
+    args = train_args(ep_overrides, tmp_path, "--set", "train.parallel=ddp", *EP)
+    two_processes([*args, "--stop-after", "4"])
+    assert load_checkpoint(tmp_path / "latest.pt")["step"] == 4
+    two_processes([*args, "--resume"])
+    assert_same_run(tmp_path, ep_run)
+
+
+@needs_fork
+def test_an_ep_checkpoint_resumes_in_one_process(ep_overrides, ep_reference, tmp_path):
+    """A change of layout, not of what the run is: no --allow-changes."""
+    two_processes([*train_args(ep_overrides, tmp_path, "--set", "train.parallel=fsdp", *EP),
+                   "--stop-after", "4"])
+    one_process([*train_args(ep_overrides, tmp_path, "--set", "train.parallel=none",
+                             "--set", "train.expert_parallel=1",
+                             "--set", "train.micro_batch_size=2"), "--resume"])
+    assert_same_run(tmp_path, ep_reference)
+    log = (tmp_path / "train.log").read_text()
+    assert "train.expert_parallel: 2 -> 1" in log
+
+
+@needs_fork
+def test_a_one_process_checkpoint_resumes_under_ep(ep_overrides, ep_reference, tmp_path):
+    one_process([*train_args(ep_overrides, tmp_path, "--set", "train.micro_batch_size=2"),
+                 "--stop-after", "4"])
+    two_processes([*train_args(ep_overrides, tmp_path, "--set", "train.parallel=ddp", *EP),
+                   "--resume"])
+    assert_same_run(tmp_path, ep_reference)
+
+
+def test_an_ep_checkpoint_generates_the_same_tokens_in_one_process(ep_overrides, ep_run):
+    """The sample the EP ranks wrote at step 8 (greedy, through the split experts), again
+    in one process from the saved ``latest.pt``."""
+    log = (ep_run / "train.log").read_text()
+    logged = log.split("sample at step 8 (greedy, from a validation document's opening):\n")[1]
+    logged = logged.split("\ndone: ")[0]
+    cfg = Config.from_dict(load_checkpoint(ep_run / "latest.pt")["config"])
+    data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size, cfg.model.max_position,
+                        progress=False)
+    model = DeepSeekMini.from_checkpoint(ep_run / "latest.pt").eval()
+    prompt_text = sample_prompt(first_document(data.val, data.tokenizer))
+    prompt = torch.tensor([data.tokenizer.encode(prompt_text)])
+    room = min(SAMPLE_TOKENS, cfg.model.max_position - prompt.shape[1])
+    ids = generate(model, prompt, max_new_tokens=room, temperature=0.0,
+                   eos_id=data.tokenizer.eos_id)
+    assert prompt_text + completion_text(data.tokenizer, ids[0, prompt.shape[1]:].tolist()) \
+        == logged
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.expert_parallel=3"], r"train.expert_parallel \(3\) must divide model.num_experts"),
+    (["train.expert_parallel=2"], "train.expert_parallel=2 needs train.parallel ddp or fsdp"),
+])
+def test_expert_parallel_settings_that_cannot_work_are_one_error_line(ep_overrides, tmp_path,
+                                                                      capsys, extra, message):
+    args = train_args(ep_overrides, tmp_path)
+    for item in extra:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_processes_that_do_not_divide_into_ep_groups_are_one_error_line(
+        ep_overrides, tmp_path, monkeypatch, capsys):
+    for name, value in {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    args = train_args(ep_overrides, tmp_path, "--set", "train.parallel=ddp", *EP,
+                      "--set", "train.batch_size=6", "--set", "train.micro_batch_size=2")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.expert_parallel (2) must divide the 3 processes into "
+                   "expert-parallel groups"], err

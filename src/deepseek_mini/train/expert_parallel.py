@@ -189,12 +189,13 @@ class ExpertShards:
         every rank; ``full`` makes FSDP's a plain tensor) with the expert gradients' summed
         over the EP group, so every rank clips by the one-process norm."""
         ids = {id(p) for p in self.params.values()}
-        experts = [p.grad for p in params if p.grad is not None and id(p) in ids]
-        dense = [p.grad for p in params if p.grad is not None and id(p) not in ids]
-        square = full(nn.utils.get_total_norm(experts, foreach=True)).square()
+        experts = [p for p in params if p.grad is not None and id(p) in ids]
+        dense = [p for p in params if p.grad is not None and id(p) not in ids]
+        square = full(nn.utils.get_total_norm([p.grad for p in experts], foreach=True)).square()
         dist.all_reduce(square, group=self.mesh.group)
-        total = (full(nn.utils.get_total_norm(dense, foreach=True)).square() + square).sqrt()
-        for part in (dense, experts):
+        dense_norm = full(nn.utils.get_total_norm([p.grad for p in dense], foreach=True))
+        total = (dense_norm.square() + square).sqrt()
+        for part in (dense, experts):  # apart: FSDP's DTensors and plain tensors do not mix
             nn.utils.clip_grads_with_norm_(part, max_norm, total, foreach=True)
         return total
 
