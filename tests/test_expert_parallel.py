@@ -74,6 +74,12 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple) -> None
 def spawn(fn: Callable, world: int, *args) -> None:
     """``fn(rank, world, *args)`` in ``world`` forked processes sharing a gloo group; each
     asserts on its own, and the test fails if any rank does."""
+    # What the ranks would each import on their first optimizer (AdamW's constructor
+    # imports torch._dynamo: seconds), imported once here for all of them.
+    import torch._dynamo  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(fn, rank, world, port, args))
@@ -150,12 +156,12 @@ def _gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def check_cases(rank: int, world: int, kinds: list[str], cases: list[Case]) -> None:
-    """Each case, under each kind, against one process on the same global batch."""
-    for kind in kinds:
-        parallel = Parallel(kind, Ranks(rank, world, rank), None, expert_parallel=2)
-        for case in cases:
-            _check(case, parallel, world)
+def check_cases(rank: int, world: int, runs: list[tuple[str, Case]]) -> None:
+    """Each (train.parallel, case) against one process on the same global batch."""
+    parallels = {kind: Parallel(kind, Ranks(rank, world, rank), None, expert_parallel=2)
+                 for kind in dict(runs)}
+    for kind, case in runs:
+        _check(case, parallels[kind], world)
 
 
 def _check(case: Case, parallel: Parallel, world: int) -> None:
@@ -235,11 +241,10 @@ def _assert_generates_alike(model: DeepSeekMini, reference: DeepSeekMini, vocab:
     reference.train()
 
 
-CASES = [
-    Case({"router": "softmax", "expert_activation": "gelu"}),
-    Case({"router": "sigmoid", "expert_activation": "swiglu", "bias_update_rate": 0.01,
-          "seq_aux_loss_coef": 0.01}),
-]
+SOFTMAX_GELU = Case({"router": "softmax", "expert_activation": "gelu"})
+SIGMOID_SWIGLU = Case({"router": "sigmoid", "expert_activation": "swiglu",
+                       "bias_update_rate": 0.01, "seq_aux_loss_coef": 0.01})
+SOFTMAX_SWIGLU = Case({"router": "softmax", "expert_activation": "swiglu"})
 # DeepSeek-V3's layout around the experts: a leading dense layer and an MTP module, whose
 # MoE is split like the others.
 V3_LAYOUT = Case({"router": "sigmoid", "expert_activation": "gelu", "num_layers": 3,
@@ -251,22 +256,24 @@ FORCED = Case({"router": "sigmoid", "expert_activation": "swiglu", "top_k": 1,
 
 @needs_fork
 def test_ep2_matches_one_process():
-    """Softmax and sigmoid routers, GELU and SwiGLU experts, under DDP and FSDP."""
-    spawn(check_cases, 2, ["ddp", "fsdp"],
-          [*CASES, Case({"router": "softmax", "expert_activation": "swiglu"}), V3_LAYOUT])
+    """Both routers and both expert activations, DDP and FSDP on the dense rest; micro
+    batches of one row, four per rank."""
+    spawn(check_cases, 2, [("ddp", SOFTMAX_GELU), ("ddp", SIGMOID_SWIGLU),
+                           ("fsdp", SOFTMAX_SWIGLU), ("fsdp", V3_LAYOUT)])
 
 
 @needs_fork
 def test_ep2_by_dp2_matches_one_process():
-    """Four ranks: two EP groups of two, each expert on two ranks (DDP's all-reduce or
-    FSDP's reduce-scatter over the replicas); two micro batches per rank."""
-    spawn(check_cases, 4, ["ddp", "fsdp"], CASES)
+    """Four ranks: two EP groups of two, each expert on two ranks (DDP: an all-reduce of
+    the expert gradients over those two; FSDP: sharded over them); two micro batches per
+    rank."""
+    spawn(check_cases, 4, [("ddp", SOFTMAX_GELU), ("fsdp", SIGMOID_SWIGLU)])
 
 
 @needs_fork
 def test_a_forced_router_sends_every_token_to_one_expert():
     """Rank 0's tokens all leave it and its experts get none; training still matches."""
-    spawn(check_cases, 2, ["ddp", "fsdp"], [FORCED])
+    spawn(check_cases, 2, [("ddp", FORCED), ("fsdp", FORCED)])
 
 
 # The command line: the tiny training setup of test_distributed.py (global batch 4). Two EP
