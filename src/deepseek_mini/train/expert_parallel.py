@@ -120,7 +120,7 @@ class ExpertParallelExperts(RoutedExperts):
         if torch.is_autocast_enabled(x.device.type):  # travel in the compute dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
         # 2. counts exchanged: [source rank, expert]; mine: the columns of my experts
-        every = funcol.all_gather_tensor(counts, 0, mesh.group).view(mesh.size, -1)
+        every = funcol.all_gather_single(counts, 0, mesh.group).view(mesh.size, -1)
         mine = every[:, self.first:self.first + local]
         sent, received = torch.stack([counts.view(mesh.size, -1).sum(1), mine.sum(1)]).tolist()
         self._group_counts, self.last_splits = every.sum(0), (sent, received)
