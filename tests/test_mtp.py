@@ -268,3 +268,17 @@ def test_generate_command_speculates_and_reports_its_stats(data_overrides, tmp_p
     assert main([*base, "--speculative", "--no-cache"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --speculative verifies drafts over the "
                                                "eager cache: drop --no-cache")
+
+
+def test_a_fresh_mtp_sigmoid_router_starts_with_zero_biases():
+    """The MTP modules are built on the meta device and moved with ``to_empty``, which
+    leaves buffers as whatever memory held: the expert biases must be set, not inherited
+    (they were, up to 1e30, routing the module's tokens at random)."""
+    for _ in range(3):
+        junk = torch.full((4096,), float("nan"))  # memory the next allocations may reuse
+        del junk
+        model = mtp_model(router="sigmoid")
+        biases = [module.moe.router.expert_bias for module in model.modules()
+                  if hasattr(module, "moe") and module in list(model.mtp.modules())]
+        assert len(biases) == 2
+        assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)
