@@ -95,8 +95,10 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             device = precision.device
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, list(self.experts.params) if self.experts else [])
+            if self.experts is not None:  # each rank's are its own: never averaged, nor
+                # broadcast from rank 0 (the one API for it, used by torchrec too)
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, list(self.experts.params))
             # The only buffers are the constant RoPE tables: nothing to broadcast each step
             # (the keyword was renamed in PyTorch 2.13).
             keyword = ("forward_sync_buffers" if "forward_sync_buffers"
@@ -115,9 +117,10 @@ class Parallel:
                 param_dtype=None if precision.name == "fp32" else precision.dtype,
                 reduce_dtype=torch.float32)
             if self.experts is not None:
-                # Experts first, over the ranks holding the same ones (possibly one): the
-                # layers' fully_shard then leaves them alone. Their reduced gradients are
-                # the group's tokens' summed over replicas, hence the world-size divisor.
+                # Experts first, sharded over the ranks holding the same ones (perhaps
+                # one): the layers' fully_shard then leaves them alone. Each rank's expert
+                # gradient already sums its group's tokens, so the sum over replicas is
+                # divided by the world size, as the dense mean over all ranks is.
                 for experts in self.experts.modules.values():
                     fully_shard(experts, mesh=self.experts.mesh.replica_mesh, mp_policy=policy)
                     experts.set_gradient_divide_factor(float(self.ranks.world_size))

@@ -81,7 +81,6 @@ def build_mesh(device_type: str, world_size: int, size: int) -> ExpertMesh:
                       mesh["dp"])
 
 
-
 def rows_for_rank(share: torch.Tensor, micro_batch_size: int, mesh: ExpertMesh) -> torch.Tensor:
     """This rank's rows of its EP group's ``share`` of the global batch: the group takes
     micro batches of ``N · micro_batch_size`` rows and rank j the j-th part of each, so the
@@ -136,8 +135,8 @@ class ExpertParallelExperts(RoutedExperts):
         return _all_to_all(out.index_select(0, order.argsort()), sent, received, mesh.group)
 
     def served_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """The whole group's tokens per expert in the last forward: the load these experts
-        and their group's carried, which the balance loss weighs."""
+        """Tokens per expert over the whole EP group in the last forward: the load the
+        group's experts carried, which the balance loss weighs."""
         return counts if self._group_counts is None else self._group_counts
 
 
