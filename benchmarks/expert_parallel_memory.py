@@ -156,11 +156,10 @@ def main() -> None:
               "DeepSeek-V3": Config.from_dict({"model": DEEPSEEK_V3}).model}
     rows = []
     for name, cfg in models.items():
-        print(f"{name}: {all_params(cfg) / 1e9:.2f} B parameters "
-              f"({mtp_params(cfg) / 1e9:.2f} B of them in MTP) "
-              f"({routed_params(cfg) / 1e9:.2f} B in routed experts, "
-              f"{routed_params(cfg) / all_params(cfg):.0%}); "
-              f"{args.tokens_per_rank} tokens per rank per step")
+        print(f"{name}: {all_params(cfg) / 1e9:.2f} B parameters ({mtp_params(cfg) / 1e9:.2f} B "
+              f"in MTP modules; {routed_params(cfg) / 1e9:.2f} B, "
+              f"{routed_params(cfg) / all_params(cfg):.0%}, in routed experts); "
+              f"{args.tokens_per_rank:,} tokens per rank per step")
         rows += table(name, cfg, args.tokens_per_rank)
     if args.json:
         print(json.dumps(rows, indent=1))
