@@ -212,11 +212,26 @@ def test_generation_with_a_trimmed_head_is_the_same_with_and_without_the_cache()
     model = lively(seeded(head_vocab=30, max_position=64)).eval()
     model.head.set_ids(torch.arange(3, 93, 3))
     prompt = random_ids((2, 5))
+    ids = random_ids((2, 12), seed=8)
+    cache = model.new_cache(2, 12)
+    stepped = [model(ids[:, :5], cache=cache).logits[:, -1]]
+    stepped += [model(ids[:, t:t + 1], cache=cache).logits[:, -1] for t in range(5, 12)]
+    assert cache.head_rows is not None  # gathered once, reused at every step
+    torch.testing.assert_close(torch.stack(stepped, 1), model(ids).logits[:, 4:], rtol=0,
+                               atol=1e-5)
     cached = generate(model, prompt, max_new_tokens=12)
     assert torch.equal(cached, generate(model, prompt, max_new_tokens=12, use_cache=False))
     sampled = [generate(model, prompt, max_new_tokens=12, temperature=1.0, seed=5,
                         use_cache=use) for use in (True, False)]
     assert torch.equal(*sampled)
+
+
+@torch.inference_mode()
+def test_speculative_decoding_with_a_trimmed_head_is_greedy_decoding():
+    model = lively(seeded(head_vocab=30, mtp_depth=2, max_position=64)).eval()
+    prompt = random_ids((1, 5))
+    plain = generate(model, prompt, max_new_tokens=20)
+    assert torch.equal(generate(model, prompt, max_new_tokens=20, speculative=True), plain)
 
 
 def test_export_refuses_a_trimmed_head_in_one_line_before_writing(data_overrides, tmp_path,

@@ -199,7 +199,7 @@ class DeepSeekMini(nn.Module):
             x = x[:, -logits_to_keep:]
         out = ModelOutput(hidden=x, head=self.head_logits, trunk=trunk)
         if targets is None:  # now, under the caller's autocast and grad mode
-            out.logits = self.head_logits(x)
+            out.logits = self.head_logits(x, cache)
         if with_stats:
             out.expert_counts = torch.stack([s.expert_counts for s in stats])
             out.router_entropy = torch.stack([s.router_entropy for s in stats])
@@ -230,11 +230,26 @@ class DeepSeekMini(nn.Module):
             return linear_cross_entropy(hidden, weight, targets)
         return self.head.cross_entropy(hidden, weight, targets)
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden: torch.Tensor, cache: LatentCache | None = None
+                    ) -> torch.Tensor:
         """Logits over the full vocabulary [..., V] of final-norm states ``hidden``."""
         if self.head is None:
             return self.lm_head(hidden)
-        return self.head.logits(hidden, self._head_weight())
+        return self.head.logits(hidden, self._generation_rows(cache))
+
+    def _generation_rows(self, cache: LatentCache | None) -> torch.Tensor:
+        """The trimmed head's rows; a generation (a cache, no gradient) gathers them once,
+        in the autocast dtype, and reuses them at every step: the weights do not change
+        within it, and a gather per token moves the kept rows twice more than the matmul
+        reads them."""
+        if cache is None or torch.is_grad_enabled():
+            return self._head_weight()
+        if cache.head_rows is None:
+            rows, device = self._head_weight(), self.device.type
+            if torch.is_autocast_enabled(device):
+                rows = rows.to(torch.get_autocast_dtype(device))
+            cache.head_rows = rows
+        return cache.head_rows
 
     def _mtp_loss(self, trunk: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
                   positions: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -274,7 +289,7 @@ class DeepSeekMini(nn.Module):
         rope_k = self._rope(cache.key_positions(steps))
         hidden, _ = self.mtp[depth](hidden, self.embed(tokens), rope_q, rope_k, cache,
                                     cache.attention_mask(steps), False)
-        return hidden, self.head_logits(self.norm(hidden[:, -1]))
+        return hidden, self.head_logits(self.norm(hidden[:, -1]), cache)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
