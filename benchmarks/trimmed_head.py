@@ -106,8 +106,10 @@ def run_step(args: argparse.Namespace) -> list[dict]:
     return results
 
 
-def decode_work(cfg: Config, prompt_len: int, steps: int) -> Callable[[], object]:
-    """``steps`` cached single-token decoding steps after a ``prompt_len`` prefill."""
+def decode_work(cfg: Config, prompt_len: int, steps: int,
+                regather: bool = False) -> Callable[[], object]:
+    """``steps`` cached single-token decoding steps after a ``prompt_len`` prefill; with
+    ``regather`` a trimmed head gathers its rows at every step instead of once."""
     torch.manual_seed(0)
     model = DeepSeekMini(cfg.model).eval()
     prompt = torch.randint(0, cfg.model.vocab_size, (1, prompt_len))
@@ -120,6 +122,8 @@ def decode_work(cfg: Config, prompt_len: int, steps: int) -> Callable[[], object
             token = model(prompt, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
             started = time.perf_counter()
             for _ in range(steps):
+                if regather:
+                    cache.head_rows = None
                 token = model(token[:, None], cache=cache).logits[:, -1].argmax(-1)
             return time.perf_counter() - started
 
@@ -131,16 +135,21 @@ def run_decode(args: argparse.Namespace) -> list[dict]:
     results = []
     for size in args.sizes:
         for precision in args.precisions:
-            work = {kept: decode_work(config(size, precision, kept), 32, args.decode_steps)
+            work = {(kept, False): decode_work(config(size, precision, kept), 32,
+                                               args.decode_steps)
                     for kept in [0, *args.kept]}
-            times: dict[int, list[float]] = {k: [] for k in work}
+            work.update({(kept, True): decode_work(config(size, precision, kept), 32,
+                                                   args.decode_steps, regather=True)
+                         for kept in args.kept})
+            times: dict[tuple[int, bool], list[float]] = {k: [] for k in work}
             for _ in range(args.rounds):
                 for kept, fn in work.items():
                     times[kept].append(fn() / args.decode_steps)
-            full = statistics.median(times[0])
-            for kept, t in times.items():
+            full = statistics.median(times[0, False])
+            for (kept, regather), t in times.items():
                 row = {"bench": "decode", "size": size, "precision": precision,
-                       "head_vocab": kept, "ms_per_token": round(statistics.median(t) * 1e3, 3),
+                       "head_vocab": kept, "gathered": "every step" if regather else "once",
+                       "ms_per_token": round(statistics.median(t) * 1e3, 3),
                        "speedup_vs_full": round(full / statistics.median(t), 3)}
                 results.append(row)
                 print(json.dumps(row), flush=True)

@@ -207,6 +207,20 @@ def test_a_warm_start_keeps_a_trimmed_checkpoint_s_ids_and_trims_a_full_one(data
     assert "head.ids" not in load_checkpoint(tmp_path / "back" / "latest.pt")["model"]
 
 
+def test_a_deepseek_v3_folder_warm_starts_a_trimmed_head(data_overrides, tmp_path):
+    v3 = ["model.attention=latent_rope", "model.router=sigmoid", "model.expert_activation=swiglu",
+          "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8"]
+    train(run_config(data_overrides, tmp_path / "full", "train.max_steps=1",
+                     "model.head_vocab=0", *v3))
+    export(tmp_path / "full" / "best.pt", tmp_path / "hf")
+    cfg = run_config(data_overrides, tmp_path / "trimmed", "train.max_steps=1", *v3,
+                     f"train.warm_start=hf:{tmp_path / 'hf'}")
+    train(cfg)
+    data = prepare_data(cfg.data, cfg.train.seed, VOCAB, progress=False)
+    after = load_checkpoint(tmp_path / "trimmed" / "latest.pt")["model"]
+    assert torch.equal(after["head.ids"], most_frequent_ids(data.train, 100, VOCAB))
+
+
 @torch.inference_mode()
 def test_generation_with_a_trimmed_head_is_the_same_with_and_without_the_cache():
     model = lively(seeded(head_vocab=30, max_position=64)).eval()
