@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_run import TINY_YAML, VOCAB, small_config, tiny_overrides
+from tiny_run import TIMING_KEYS, TINY_YAML, VOCAB, small_config, tiny_overrides
 
 from deepseek_mini import Config, DeepSeekMini, UserError, generate
 from deepseek_mini.checkpoint import load_checkpoint
@@ -155,8 +155,7 @@ def run_config(data_overrides, out_dir, *extra: str) -> Config:
 
 
 def rows_of(out_dir) -> list[dict]:
-    timing = {"elapsed_s", "tokens_per_s", "mfu"}
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -251,6 +250,7 @@ def test_speculative_decoding_with_a_trimmed_head_is_greedy_decoding():
 def test_export_refuses_a_trimmed_head_in_one_line_before_writing(data_overrides, tmp_path,
                                                                   capsys):
     train(run_config(data_overrides, tmp_path / "run", "train.max_steps=1"))
+    capsys.readouterr()  # the run's own progress lines
     out = tmp_path / "hf"
     with pytest.raises(UserError, match=r"model\.head_vocab: 100.*model\.head_vocab: 0"):
         export(tmp_path / "run" / "best.pt", out)
@@ -259,6 +259,12 @@ def test_export_refuses_a_trimmed_head_in_one_line_before_writing(data_overrides
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: export:") and "head_vocab" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".hf.*"))
+    gguf = tmp_path / "model.gguf"
+    assert main(["export", "--format", "gguf", "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                 "--out", str(gguf)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: export --format gguf:")
+    assert "model.head_vocab: 0" in err[0] and not list(tmp_path.glob("*gguf*"))
 
 
 @pytest.mark.parametrize("value, message", [
