@@ -23,7 +23,7 @@ from ..errors import UserError
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
 from .latent_rope_attention import LatentRopeAttention
-from .loss import linear_cross_entropy
+from .loss import head_cross_entropy, linear_cross_entropy
 from .mask import padded_causal_mask
 from .moe import FeedForward, MoE, exclude_from_compile
 from .mtp import MTPModule
@@ -137,7 +137,13 @@ class DeepSeekMini(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (and the cache's): the float weights', which a
+        quantized model (quantize.py) keeps in its norms."""
+        return self.norm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
@@ -194,8 +200,7 @@ class DeepSeekMini(nn.Module):
             out.expert_counts = torch.stack([s.expert_counts for s in stats])
             out.router_entropy = torch.stack([s.router_entropy for s in stats])
         if targets is not None:
-            out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
-                                          targets.flatten())
+            out.ce = self._cross_entropy(x, targets)
             if mtp and len(self.mtp):
                 out.mtp_ce, mtp_stats = self._mtp_loss(trunk, input_ids, targets, positions,
                                                        attention_mask)
@@ -224,11 +229,19 @@ class DeepSeekMini(nn.Module):
                     else padded_causal_mask(attention_mask[:, :steps].bool(), 0))
             hidden, layer_stats = module(hidden[:, :steps], self.embed(input_ids[:, k:]),
                                          rope, rope, None, mask, True)
-            ces.append(linear_cross_entropy(self.norm(hidden).flatten(0, 1),
-                                            self.lm_head.weight, targets[:, k:].flatten()))
+            ces.append(self._cross_entropy(self.norm(hidden), targets[:, k:]))
             if layer_stats is not None:
                 stats.append(layer_stats)
         return torch.stack(ces).mean(), stats
+
+    def _cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE of ``hidden`` [B, T, h] through the LM head against ``targets`` [B, T]:
+        chunked through the float weight, or (a quantized head, quantize.py) through the
+        head module itself, forward only."""
+        if isinstance(self.lm_head, nn.Linear):
+            return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                        targets.flatten())
+        return head_cross_entropy(hidden.flatten(0, 1), self.lm_head, targets.flatten())
 
     def mtp_step(self, depth: int, hidden: torch.Tensor, tokens: torch.Tensor,
                  cache: LatentCache, positions: torch.Tensor
@@ -257,7 +270,7 @@ class DeepSeekMini(nn.Module):
         cfg = self.config
         rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
         return LatentCache(num_layers or cfg.num_layers, batch_size, max_len,
-                           cfg.kv_latent_dim, self.device, dtype or self.embed.weight.dtype,
+                           cfg.kv_latent_dim, self.device, dtype or self.dtype,
                            static, rope_size)
 
     @classmethod
