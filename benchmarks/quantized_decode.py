@@ -58,7 +58,10 @@ def models(cfg: Config, modes: list[str]) -> dict[str, DeepSeekMini]:
     fp32 = DeepSeekMini(cfg.model).eval()
     out = {}
     for mode in modes:
-        out[mode] = fp32 if mode == "fp32" else quantize(copy.deepcopy(fp32), mode)
+        if mode == "int8-bf16act":  # --dtype bf16 --quantize int8
+            out[mode] = quantize(copy.deepcopy(fp32).to(torch.bfloat16), "int8")
+        else:
+            out[mode] = fp32 if mode == "fp32" else quantize(copy.deepcopy(fp32), mode)
     return out
 
 
@@ -68,7 +71,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8"],
-                        choices=["fp32", "bf16", "int8"])
+                        choices=["fp32", "bf16", "int8", "int8-bf16act"],
+                        help="int8-bf16act: int8 weights with bf16 activations "
+                             "(--dtype bf16 --quantize int8)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--threads", type=int, default=1)
