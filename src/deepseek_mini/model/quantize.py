@@ -16,7 +16,8 @@ fp32 (BENCHMARKS.md, issue 24). Two measured limits shape ``int8_linear``:
 * past ``DEQUANTIZE_ROWS`` rows (a prompt's prefill) casting the int8 matrix to bf16 and
   running one bf16 GEMM is faster than the int8 kernel;
 * the kernel returns wrong values (or crashes) when the input width is not a multiple of
-  16 (``KERNEL_WIDTH``), so such layers (a 72-wide latent's up-projections) always cast.
+  16 (``KERNEL_WIDTH``), so such layers (a 72-wide latent's up-projections) always cast,
+  to fp32.
 
 A routed expert is quantized inside the stacked ``[experts, out, in]`` tensor: the
 sorted (grouped) path runs the kernel once per chosen expert, and the gathered path (a
@@ -69,14 +70,17 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scale).T`` for ``x`` [..., in] in bf16, ``q`` int8 [out, in], ``scale``
-    bf16 [out]: the int8 kernel for a few rows, a cast + bf16 GEMM for many (or for a
-    width the kernel gets wrong). Returns bf16 [..., out]."""
+    """``x @ (q * scale).T`` for ``x`` [..., in], ``q`` int8 [out, in], ``scale`` bf16
+    [out]: the int8 kernel (bf16 in, bf16 out) for a few rows, a cast + bf16 GEMM for
+    many. A width the kernel gets wrong is one of the latent's small up-projections: cast
+    to fp32, since a bf16 GEMM of that size costs 3x fp32's in per-call overhead."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > DEQUANTIZE_ROWS or q.shape[-1] % KERNEL_WIDTH:
-        out = F.linear(rows, q.to(rows.dtype)) * scale
+    if q.shape[-1] % KERNEL_WIDTH:
+        out = F.linear(rows.float(), q.float()) * scale.float()
+    elif rows.shape[0] > DEQUANTIZE_ROWS:
+        out = F.linear(rows.to(COMPUTE), q.to(COMPUTE)) * scale
     else:
-        out = torch._weight_int8pack_mm(rows.contiguous(), q, scale)
+        out = torch._weight_int8pack_mm(rows.to(COMPUTE).contiguous(), q, scale)
     return out.view(*x.shape[:-1], q.shape[0])
 
 
@@ -101,7 +105,7 @@ class Int8Linear(nn.Module):
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x.to(COMPUTE), self.q, self.scale).to(x.dtype)
+        return int8_linear(x, self.q, self.scale).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
@@ -231,6 +235,9 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     check_device(model.device, mode)
     if getattr(model, "quantization", None) is not None:
         raise UserError(f"the model is already quantized ({model.quantization})")
+    if getattr(model, "head", None) is not None:  # a trimmed head scores gathered rows
+        raise UserError("quantize covers the full LM head only, not a trimmed one "
+                        "(model.head_vocab)")
     _embedding_and_head(model, mode)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
