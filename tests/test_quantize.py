@@ -165,6 +165,9 @@ def test_unknown_mode_and_unsupported_device_are_one_line_errors():
         check_device("cuda", "int8")
     assert "\n" not in str(err.value)
     assert cli_main.QUANTIZE_MODES == quantize_module.MODES
+    trimmed = DeepSeekMini(small_config(head_vocab=16).model)
+    with pytest.raises(UserError, match="not a trimmed one"):
+        quantize(trimmed, "int8")
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,8 @@ class ModelConfig:
     dense_hidden: int = 0
     mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3); 0 = none
     mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
+    # LM head over the training split's N most frequent ids + one "other" class (0: full)
+    head_vocab: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +113,10 @@ class ModelConfig:
             raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
                               f"model.num_layers ({self.num_layers}): at least one MoE layer")
         _one_of(self, "mtp_ffn", ("moe", "dense"))
+        _non_negative(self, "head_vocab")
+        if self.head_vocab > self.vocab_size:
+            raise ConfigError(f"model.head_vocab ({self.head_vocab}) must not exceed "
+                              f"model.vocab_size ({self.vocab_size})")
         self._validate_groups()
 
     def _validate_groups(self) -> None:
@@ -286,7 +292,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
 ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
                     "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
-                    "dense_hidden", "mtp_depth", "mtp_ffn")
+                    "dense_hidden", "mtp_depth", "mtp_ffn", "head_vocab")
 
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:

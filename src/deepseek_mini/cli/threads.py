@@ -8,13 +8,17 @@ import sys
 
 import torch
 
+from ..allocator import keep_freed_memory
 from ..threads import Work, busy_note, set_threads
 
 
 def use_threads(threads: int | None, work: Work, device: torch.device) -> str | None:
     """Set ``--threads`` (None: the measured default for ``work``); returns the note a
-    busy machine gets, for ``print_note`` when the work starts."""
+    busy machine gets, for ``print_note`` when the work starts. On a CPU, freed buffers
+    stay in the process too (allocator.py)."""
     set_threads(threads, work)
+    if device.type == "cpu":
+        keep_freed_memory()
     return busy_note("--threads N") if device.type == "cpu" else None
 
 

@@ -17,6 +17,7 @@ writes, so checkpoints and metrics read as a single process's.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..allocator import keep_freed_memory
 from ..config import Config
 from ..data.instruct import sample_prompt
 from ..data.tokens import BatchSampler, prepare_data, val_batches
@@ -80,6 +82,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
     set_threads(cfg.train.threads, "train")
+    keep_freed_memory()
     parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
         check_fp16_device(precision)
@@ -109,7 +112,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
-    model = initial_model(cfg, ckpt).to(precision.device)
+    model = initial_model(cfg, ckpt, data.train).to(precision.device)
     set_trainable(model, cfg.train.trainable)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:
@@ -275,6 +278,7 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm,
                  "mfu": mfu, "balance_loss": balance, "z_loss": z,
                  "tokens_seen": run.tokens_seen, "skipped_steps": skipped,
+                 "cpu_s": cpu_seconds(),
                  **({"mtp_ce": mtp_ce} if mtp else {})})
     window.reset()
     _raise_on_streak(run, streak)
@@ -338,6 +342,7 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     for warning in run.watch.update(usage):
         log.info(warning)
     log.metrics({"step": run.step, "val_ce": val_ce, "best_val_ce": run.best_val,
+                 "tokens_seen": run.tokens_seen, "cpu_s": cpu_seconds(),
                  **({"val_mtp_ce": val_mtp_ce} if mtp else {}), **usage.to_dict()})
     return improved
 
@@ -360,6 +365,15 @@ def _sample(run: Run, log: RunLog, tokenizer: Any, prompt_text: str) -> None:
     log.info(f"sample at step {run.step} (greedy, from a validation document's opening):\n"
              f"{prompt_text}{text}")
     log.text(run.step, "sample", prompt_text + text)
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (the
+    tokenising workers) since it started: what a CPU budget counts, whatever the load or
+    the number of threads. A resumed session counts from its own start."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2)
 
 
 def _fmt(value: float | None) -> str:
