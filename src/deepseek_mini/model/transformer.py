@@ -27,7 +27,7 @@ from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
 from .head import TrimmedHead
 from .latent_rope_attention import LatentRopeAttention
-from .loss import linear_cross_entropy
+from .loss import head_cross_entropy, linear_cross_entropy
 from .mask import padded_causal_mask
 from .moe import FeedForward, MoE, exclude_from_compile
 from .mtp import MTPModule
@@ -150,7 +150,13 @@ class DeepSeekMini(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (and the cache's): the float weights', which a
+        quantized model (quantize.py) keeps in its norms."""
+        return self.norm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
@@ -221,14 +227,20 @@ class DeepSeekMini(nn.Module):
             out.loss = out.ce + out.aux
         return out
 
-    def _head_weight(self) -> torch.Tensor:
-        """The rows the head scores: the full head's [V, h], or the trimmed head's."""
+    def _head_weight(self) -> torch.Tensor | None:
+        """The rows the head scores: the full head's [V, h], or the trimmed head's; None
+        for a quantized full head (quantize.py), which scores through its own module."""
+        if self.head is None and not isinstance(self.lm_head, nn.Linear):
+            return None
         full = self.lm_head.weight
         return full if self.head is None else self.head.weight(full)
 
-    def _head_ce(self, hidden: torch.Tensor, weight: torch.Tensor,
+    def _head_ce(self, hidden: torch.Tensor, weight: torch.Tensor | None,
                  targets: torch.Tensor) -> torch.Tensor:
-        """Mean CE over the full vocabulary of ``hidden`` [n, h] against ``targets`` [n]."""
+        """Mean CE over the full vocabulary of ``hidden`` [n, h] against ``targets`` [n]
+        (a quantized head: forward only, chunked through the head module)."""
+        if weight is None:
+            return head_cross_entropy(hidden, self.lm_head, targets)
         if self.head is None:
             return linear_cross_entropy(hidden, weight, targets)
         return self.head.cross_entropy(hidden, weight, targets)
@@ -304,7 +316,7 @@ class DeepSeekMini(nn.Module):
         cfg = self.config
         rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
         return LatentCache(num_layers or cfg.num_layers, batch_size, max_len,
-                           cfg.kv_latent_dim, self.device, dtype or self.embed.weight.dtype,
+                           cfg.kv_latent_dim, self.device, dtype or self.dtype,
                            static, rope_size)
 
     @classmethod
