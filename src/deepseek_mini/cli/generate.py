@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     note = use_threads(args.threads, "decode", device)
     prompts = read_prompts(args)
     model, tok, _ = load_for_inference(args.checkpoint, device, DTYPES[args.dtype],
-                                       args.tokenizer)
+                                       args.tokenizer, quantize=args.quantize)
     ids, mask, max_new = encode_prompts(tok, prompts, model.config.max_position,
                                         args.max_new_tokens)
     if max_new < args.max_new_tokens:

@@ -28,6 +28,8 @@ HANDLERS = {
     "serve": "serve",
 }
 
+QUANTIZE_MODES = ("int8", "bf16")  # model/quantize.py's MODES, without importing torch
+
 
 class _Parser(argparse.ArgumentParser):
     """Every ``--help`` shows each option's default; errors are one line."""
@@ -63,7 +65,15 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weight dtype for decoding")
     p.add_argument("--tokenizer", default=None, help="tokenizer (None: the checkpoint's)")
+    _add_quantize(p)
     _add_threads(p, "1 thread")
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    """Weight-only quantization on load (generate, serve, eval; model/quantize.py)."""
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                   help="quantize the weights as they load, CPU only: int8 (per output "
+                        "channel) or bf16; the checkpoint file stays full precision")
 
 
 def _add_threads(p: argparse.ArgumentParser, default_is: str) -> None:
@@ -138,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (None: the checkpoint's; SmolLM2's to count --max-tokens "
                         "for --hf-model)")
+    _add_quantize(p)
     _add_threads(p, "every physical core, or 1 when the load average exceeds the cores")
 
     p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of a config")

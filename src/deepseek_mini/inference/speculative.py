@@ -158,7 +158,7 @@ def speculative_generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_
     ids = torch.empty(1, total + depth, dtype=torch.long, device=device)
     ids[:, :prompt_len] = prompt_ids
     state = _State(ids, torch.empty(1, total, model.config.hidden_size, device=device,
-                                    dtype=model.embed.weight.dtype),
+                                    dtype=model.dtype),
                    torch.arange(total + depth, device=device)[None],
                    model.new_cache(1, total), model.new_cache(1, total, num_layers=depth))
     out = model(ids[:, :prompt_len], cache=state.cache, positions=state.positions[:, :prompt_len],

@@ -22,6 +22,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..files import atomic_write_named
 from ..inference.loading import load_for_inference
+from .exportable import check_exportable
 from .gguf_layout import (
     ARCH,
     FILE_TYPES,
@@ -53,6 +54,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f32") -> 
         raise UserError(f"export: {out} already exists")
     model, tok, _ = load_for_inference(checkpoint)
     cfg = model.config
+    check_exportable(cfg, f"checkpoint {checkpoint}", "export --format gguf")
     blocker = gguf_blocker(cfg)
     if blocker is not None:
         raise UserError(f"export --format gguf: {blocker}")

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, model_config_of
 from ..config import Config, ConfigError, ModelConfig
 from ..data.tokenizer import EOS_TOKEN, Tokenizer, load_tokenizer
 from ..errors import UserError
 from ..model.transformer import DeepSeekMini
+from .exportable import check_exportable
 from .hf_layout import hf_config, native_blocker, to_hf
 
 REMOTE_MODELING = "modeling_deepseek_mini.py"
@@ -44,6 +45,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Exported:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export: {out} already exists and is not an empty folder")
     ckpt = load_checkpoint(checkpoint)
+    check_exportable(model_config_of(ckpt, checkpoint), f"checkpoint {checkpoint}", "export")
     model = DeepSeekMini.from_checkpoint_dict(ckpt, checkpoint)
     try:
         config = Config.from_dict(ckpt["config"], f"checkpoint {checkpoint}")
