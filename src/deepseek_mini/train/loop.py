@@ -325,14 +325,16 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     if len(mine) < math.ceil(len(batches) / world):
         score(forward, batches[:1], device)
     model.train()
+    # Only MoE layers have router statistics (not the first_k_dense ones, not MTP's).
+    moe_layers = totals.counts.shape[0]
     sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
                                        mine_nll[None], totals.counts.flatten(),
                                        totals.entropy])).cpu()
     tokens = float(sums[1])
     val_ce = float(sums[0]) / tokens
     val_mtp_ce = float(sums[2]) / tokens
-    layers = run.cfg.model.num_layers
-    usage = ExpertUsage.from_counts(sums[3:-layers].view(layers, -1), sums[-layers:] / tokens)
+    usage = ExpertUsage.from_counts(sums[3:-moe_layers].view(moe_layers, -1),
+                                    sums[-moe_layers:] / tokens, run.cfg.model.first_k_dense)
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce
