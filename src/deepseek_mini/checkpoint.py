@@ -65,6 +65,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint (its 'model' "
                         "entry is not a state dict of named tensors)")
+    # Every weight and buffer of the model is floating point: load_state_dict would cast
+    # integer or boolean values into them without a word.
+    odd = next((k for k, v in model.items() if not v.is_floating_point()), None)
+    if odd is not None:
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint: its tensor "
+                        f"{odd} is {str(model[odd].dtype).removeprefix('torch.')}, where every "
+                        "weight is floating point")
     if isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict):
         ckpt["config"] = {**ckpt["config"], "model": upgrade_model_dict(ckpt["config"]["model"])}
     return ckpt
@@ -87,6 +94,19 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     verdicts = [torch.cat([torch.stack(torch.aminmax(t)).double() for t in group])
                 .isfinite().all() for group in by_device.values()]
     return all(bool(v) for v in verdicts)
+
+
+def check_finite(ckpt: dict[str, Any], path: str | Path, state: bool = False) -> None:
+    """Refuse a checkpoint with an inf or NaN weight (and, with ``state``, optimizer
+    state): training never saves one, so it was made elsewhere or broken since, and a
+    model built from it computes only NaN."""
+    tensors = list(ckpt["model"].values())
+    if state:
+        tensors += list(state_tensors(ckpt.get("optimizer")))
+    if not all_finite(tensors):
+        raise UserError(f"checkpoint {path} holds non-finite weights (inf or NaN)"
+                        + (" or optimizer state" if state else "")
+                        + ": it was saved from a diverged run and cannot be used")
 
 
 def state_tensors(state: Any) -> Iterable[Any]:
