@@ -64,6 +64,8 @@ class ModelConfig:
     dense_hidden: int = 0
     mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3); 0 = none
     mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
+    # LM head over the training split's N most frequent ids + one "other" class (0: full)
+    head_vocab: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +113,10 @@ class ModelConfig:
             raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
                               f"model.num_layers ({self.num_layers}): at least one MoE layer")
         _one_of(self, "mtp_ffn", ("moe", "dense"))
+        _non_negative(self, "head_vocab")
+        if self.head_vocab > self.vocab_size:
+            raise ConfigError(f"model.head_vocab ({self.head_vocab}) must not exceed "
+                              f"model.vocab_size ({self.vocab_size})")
         self._validate_groups()
 
     def _validate_groups(self) -> None:
@@ -180,6 +186,7 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over
     threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
     mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
@@ -191,7 +198,8 @@ class TrainConfig:
         _one_of(self, "parallel", ("none", "ddp", "fsdp"))
         _one_of(self, "trainable", ("all", "mtp"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
-                  "eval_interval", "eval_batches", "save_interval", "sample_interval")
+                  "eval_interval", "eval_batches", "save_interval", "sample_interval",
+                  "expert_parallel")
         _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                       "mtp_loss_weight")
         for key in ("threads", "decay_steps"):
@@ -261,6 +269,13 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.model.num_experts % self.train.expert_parallel:
+            raise ConfigError(f"train.expert_parallel ({self.train.expert_parallel}) must divide "
+                              f"model.num_experts ({self.model.num_experts}): each rank of an "
+                              "expert-parallel group holds the same number of experts")
+        if self.train.expert_parallel > 1 and self.train.parallel == "none":
+            raise ConfigError(f"train.expert_parallel={self.train.expert_parallel} needs "
+                              "train.parallel ddp or fsdp (a torchrun launch)")
         if self.train.trainable == "mtp" and self.model.mtp_depth == 0:
             raise ConfigError("train.trainable is 'mtp' but model.mtp_depth is 0: set "
                               "model.mtp_depth to the number of MTP modules to train")
@@ -286,7 +301,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
 ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
                     "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
-                    "dense_hidden", "mtp_depth", "mtp_ffn")
+                    "dense_hidden", "mtp_depth", "mtp_ffn", "head_vocab")
 
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:

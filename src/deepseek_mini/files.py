@@ -68,6 +68,37 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     _fsync_dir(path.parent)
 
 
+def atomic_write_named(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``atomic_write`` for writers that open their file by name (the gguf package's
+    GGUFWriter): ``write(tmp)`` fills a temporary file beside ``path``, which is then
+    fsynced and renamed over it, with the same modes and full-disk error."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
+                                suffix=".tmp")
+    tmp = Path(name)
+    try:
+        try:
+            os.fchmod(fd, _mode_for(path))
+        finally:
+            os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write {path} "
+                                f"({_free_bytes(path.parent)} bytes free in {path.parent}); "
+                                "the previous file is kept") from None
+        raise
+    _fsync_dir(path.parent)
+
+
 def ensure_dir(path: str | Path, what: str = "folder") -> Path:
     """``path`` as an existing folder, created when missing; a file in the way or a
     folder we may not write is the user's to fix, so it is a UserError naming it."""

@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"train FLOPs per token  {sizes['flops_per_token']:>15,}  (seq len {cfg.data.seq_len})")
     print(f"KV cache per token     {sizes['kv_cache_bytes_per_token']:>15,} bytes (16-bit latents; "
           f"{sizes['kv_cache_bytes_per_token_without_mla']:,} as plain K/V)")
+    if m.head_vocab:
+        print(f"LM head rows scored    {sizes['head_rows']:>15,}  (of {m.vocab_size:,} ids: "
+              f"model.head_vocab {m.head_vocab:,} kept, the rest one shared class)")
     if m.mtp_depth:
         print(f"MTP modules            {sizes['mtp_params']:>15,}  ({m.mtp_depth} x {m.mtp_ffn}; "
               "not in the totals above)")

@@ -48,6 +48,14 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a config key; the value is read as YAML (repeatable)")
 
 
+def _add_gguf_export(p: argparse.ArgumentParser) -> None:
+    """export's GGUF options (issue 23)."""
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a Hugging Face folder; gguf: one file for llama.cpp")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (the hf folder is always f32)")
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     """Where and how a checkpoint is loaded to decode (generate, serve)."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -149,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search); "
                         "or a transformers DeepseekV3 folder, imported exactly")
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder or a "
+                                      "GGUF file (llama.cpp, Ollama)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
+    p.add_argument("--out", required=True, help="folder to create (absent or empty); with "
+                                                "--format gguf, the file to create")
+    _add_gguf_export(p)
 
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-style HTTP API, with "
                                      "a story page")

@@ -20,6 +20,9 @@ from ..progress import Progress
 
 def run(args: argparse.Namespace) -> None:
     cfg = Config.from_yaml(args.config, args.set)
+    # A trimmed head's ids come from a run's training split, which this command never
+    # reads: the file holds the full head, and the run trims it (train/state.py).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head_vocab=0))
     if args.source is not None and is_deepseek_v3_folder(args.source):
         model = import_deepseek_v3(args.source, cfg.model)
         cfg = dataclasses.replace(cfg, model=model.config)

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-from ..data.tokenizer import EOS_TOKEN, Tokenizer
+from ..checkpoint import check_finite, load_checkpoint, model_config_of
+from ..config import Config, ConfigError, ModelConfig
+from ..data.tokenizer import EOS_TOKEN, Tokenizer, load_tokenizer
 from ..errors import UserError
 from ..files import umask_mode
-from ..inference.loading import load_for_inference
+from ..model.transformer import DeepSeekMini
+from .exportable import check_exportable
 from .hf_layout import hf_config, native_blocker, to_hf
 
 REMOTE_MODELING = "modeling_deepseek_mini.py"
@@ -51,7 +53,15 @@ def export(checkpoint: str | Path, out: str | Path) -> Exported:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export: {out} already exists and is not an empty folder")
-    model, tok, _ = load_for_inference(checkpoint)  # the checks generate and eval make
+    ckpt = load_checkpoint(checkpoint)
+    check_exportable(model_config_of(ckpt, checkpoint), f"checkpoint {checkpoint}", "export")
+    check_finite(ckpt, checkpoint)  # as generate, eval and serve refuse it
+    model = DeepSeekMini.from_checkpoint_dict(ckpt, checkpoint)
+    try:
+        config = Config.from_dict(ckpt["config"], f"checkpoint {checkpoint}")
+    except ConfigError as exc:
+        raise UserError(f"checkpoint {checkpoint} has an unusable config: {exc}") from None
+    tok = load_tokenizer(config.data.tokenizer, config.data.cache_dir, model.config.vocab_size)
     blocker = native_blocker(model.config)
     state = model.state_dict()
     if blocker is None:

@@ -23,6 +23,11 @@ With ``attention: latent_rope`` (n nope, r rope, v value dims, q rank q_r): atte
 ``h·H·(n+r)`` (or ``h·q_r + q_r + q_r·H·(n+r)``) + ``h·(c+r) + c`` + ``c·H·(n+v)`` +
 ``H·v·h``, QKᵀ and AV cost ``6·L·H·(n+r+v)·T``, and the cache holds ``c + r`` values. The
 first ``first_k_dense`` layers hold one dense MLP of ``dense_width`` instead of the MoE.
+
+A trimmed head (``head_vocab`` N > 0, head.py) scores ``R = N + 1`` rows (N when N = V, no
+"other" class) instead of V: its matmul weights are ``R·h`` wherever ``V·h`` stands above,
+and it adds the "other" vector's ``h`` parameters (its rows are the embedding's, or the
+untied head's, which keeps all V rows).
 """
 
 from __future__ import annotations
@@ -57,13 +62,21 @@ def moe_params(cfg: ModelConfig) -> int:
     return cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
 
 
+def head_rows(cfg: ModelConfig) -> int:
+    """The rows the LM head scores per token: V, or a trimmed head's kept ids + "other"."""
+    if not cfg.head_vocab:
+        return cfg.vocab_size
+    return cfg.head_vocab + (cfg.head_vocab < cfg.vocab_size)
+
+
 def total_params(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
     moe_layers = cfg.num_layers - cfg.first_k_dense
     layers = (cfg.num_layers * (attention_params(cfg) + 2 * h) + moe_layers * moe_params(cfg)
               + cfg.first_k_dense * dense_params(cfg))
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + head + layers + h
+    other = h if 0 < cfg.head_vocab < cfg.vocab_size else 0
+    return cfg.vocab_size * h + head + other + layers + h
 
 
 def mtp_layer_params(cfg: ModelConfig, active: bool = False) -> int:
@@ -84,7 +97,7 @@ def mtp_params(cfg: ModelConfig) -> int:
 def draft_cost(cfg: ModelConfig) -> float:
     """One MTP draft's matmul weights over one main decoding step's: the share of a step
     each guess costs on a device bound by reading weights."""
-    return ((mtp_layer_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size)
+    return ((mtp_layer_params(cfg, active=True) + head_rows(cfg) * cfg.hidden_size)
             / matmul_params_per_token(cfg))
 
 
@@ -99,7 +112,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     moe = cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
     moe_layers = cfg.num_layers - cfg.first_k_dense
     return (cfg.num_layers * attention_params(cfg) + moe_layers * moe
-            + cfg.first_k_dense * dense_params(cfg) + cfg.vocab_size * cfg.hidden_size)
+            + cfg.first_k_dense * dense_params(cfg) + head_rows(cfg) * cfg.hidden_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -130,4 +143,5 @@ def report(cfg: Config) -> dict[str, int]:
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
         "kv_cache_bytes_per_token_without_mla": plain_kv_cache_bytes_per_token(m),
         "mtp_params": mtp_params(m),
+        "head_rows": head_rows(m),
     }

@@ -4,12 +4,15 @@ Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm
 the first ``first_k_dense`` layers have a dense MLP instead of the MoE (DeepSeek-V3).
 ``model.attention`` picks the seed's MLA (attention.py) or the decoupled-RoPE one
 (latent_rope_attention.py); ``model.router`` the MoE's router (router.py). With
-``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer.
+``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer. With
+``head_vocab`` N > 0 the head scores N kept ids and an "other" class (head.py), its logits
+still a distribution over the whole vocabulary.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
+from .head import TrimmedHead
 from .latent_rope_attention import LatentRopeAttention
 from .loss import linear_cross_entropy
 from .mask import padded_causal_mask
@@ -29,6 +33,7 @@ from .moe import FeedForward, MoE, exclude_from_compile
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
+from .router import sigmoid_routers
 
 
 @dataclass
@@ -47,7 +52,7 @@ class ModelOutput:
     """
 
     hidden: torch.Tensor = field(repr=False)
-    head: nn.Module = field(repr=False)
+    head: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     trunk: torch.Tensor | None = field(default=None, repr=False)  # all positions, pre-norm
     loss: torch.Tensor | None = None
     ce: torch.Tensor | None = None
@@ -108,6 +113,9 @@ class DeepSeekMini(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # None keeps the full head (and the state dict's keys) as they always were.
+        self.head = (TrimmedHead(cfg.vocab_size, cfg.hidden_size, cfg.head_vocab)
+                     if cfg.head_vocab else None)
         # Built on the meta device (drawing no random numbers) and initialised after every
         # main parameter by reset_parameters, so the main model's initial weights do not
         # depend on mtp_depth. Each module's layer index is its slot in the drafting cache.
@@ -118,6 +126,8 @@ class DeepSeekMini(nn.Module):
                                        else None))
                 for k in range(cfg.mtp_depth))
         self.mtp.to_empty(device=self.embed.weight.device)
+        for router in sigmoid_routers(self.mtp):  # to_empty leaves buffers uninitialised
+            router.expert_bias.zero_()
         cos, sin = rope_tables(cfg.rope_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -125,10 +135,13 @@ class DeepSeekMini(nn.Module):
 
     def reset_parameters(self) -> None:
         """normal(0, 0.02) everywhere; residual-output projections scaled by 1/sqrt(2L) so
-        the residual stream's variance does not grow with depth (GPT-2)."""
+        the residual stream's variance does not grow with depth (GPT-2). The trimmed
+        head's "other" vector is a head row like the embedding's."""
         out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if name == "head.other":
+                nn.init.normal_(p, std=0.02)
+            elif p.dim() < 2:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "w_down", "down.weight")):
                 nn.init.normal_(p, std=out_std)
@@ -187,18 +200,18 @@ class DeepSeekMini(nn.Module):
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        out = ModelOutput(hidden=x, head=self.lm_head, trunk=trunk)
+        out = ModelOutput(hidden=x, head=self.head_logits, trunk=trunk)
         if targets is None:  # now, under the caller's autocast and grad mode
-            out.logits = self.lm_head(x)
+            out.logits = self.head_logits(x, cache)
         if with_stats:
             out.expert_counts = torch.stack([s.expert_counts for s in stats])
             out.router_entropy = torch.stack([s.router_entropy for s in stats])
         if targets is not None:
-            out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
-                                          targets.flatten())
+            weight = self._head_weight()  # gathered once for the model and its MTP modules
+            out.ce = self._head_ce(x.flatten(0, 1), weight, targets.flatten())
             if mtp and len(self.mtp):
                 out.mtp_ce, mtp_stats = self._mtp_loss(trunk, input_ids, targets, positions,
-                                                       attention_mask)
+                                                       attention_mask, weight)
                 if mtp_stats:
                     out.mtp_expert_counts = torch.stack([s.expert_counts for s in mtp_stats])
                 stats = stats + mtp_stats
@@ -208,8 +221,42 @@ class DeepSeekMini(nn.Module):
             out.loss = out.ce + out.aux
         return out
 
+    def _head_weight(self) -> torch.Tensor:
+        """The rows the head scores: the full head's [V, h], or the trimmed head's."""
+        full = self.lm_head.weight
+        return full if self.head is None else self.head.weight(full)
+
+    def _head_ce(self, hidden: torch.Tensor, weight: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE over the full vocabulary of ``hidden`` [n, h] against ``targets`` [n]."""
+        if self.head is None:
+            return linear_cross_entropy(hidden, weight, targets)
+        return self.head.cross_entropy(hidden, weight, targets)
+
+    def head_logits(self, hidden: torch.Tensor, cache: LatentCache | None = None
+                    ) -> torch.Tensor:
+        """Logits over the full vocabulary [..., V] of final-norm states ``hidden``."""
+        if self.head is None:
+            return self.lm_head(hidden)
+        return self.head.logits(hidden, self._generation_rows(cache))
+
+    def _generation_rows(self, cache: LatentCache | None) -> torch.Tensor:
+        """The trimmed head's rows; a generation (a cache, no gradient) gathers them once,
+        in the autocast dtype, and reuses them at every step: the weights do not change
+        within it, and a gather per token moves the kept rows twice more than the matmul
+        reads them."""
+        if cache is None or torch.is_grad_enabled():
+            return self._head_weight()
+        if cache.head_rows is None:
+            rows, device = self._head_weight(), self.device.type
+            if torch.is_autocast_enabled(device):
+                rows = rows.to(torch.get_autocast_dtype(device))
+            cache.head_rows = rows
+        return cache.head_rows
+
     def _mtp_loss(self, trunk: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
-                  positions: torch.Tensor, attention_mask: torch.Tensor | None):
+                  positions: torch.Tensor, attention_mask: torch.Tensor | None,
+                  weight: torch.Tensor):
         """Mean CE over MTP depths, and their MoE layers' router statistics. Depth k at
         position i joins depth k-1's state with the embedding of token i + k (input k
         places on) and is scored on target i + k; each depth is one position shorter."""
@@ -224,8 +271,8 @@ class DeepSeekMini(nn.Module):
                     else padded_causal_mask(attention_mask[:, :steps].bool(), 0))
             hidden, layer_stats = module(hidden[:, :steps], self.embed(input_ids[:, k:]),
                                          rope, rope, None, mask, True)
-            ces.append(linear_cross_entropy(self.norm(hidden).flatten(0, 1),
-                                            self.lm_head.weight, targets[:, k:].flatten()))
+            ces.append(self._head_ce(self.norm(hidden).flatten(0, 1), weight,
+                                     targets[:, k:].flatten()))
             if layer_stats is not None:
                 stats.append(layer_stats)
         return torch.stack(ces).mean(), stats
@@ -245,7 +292,7 @@ class DeepSeekMini(nn.Module):
         rope_k = self._rope(cache.key_positions(steps))
         hidden, _ = self.mtp[depth](hidden, self.embed(tokens), rope_q, rope_k, cache,
                                     cache.attention_mask(steps), False)
-        return hidden, self.lm_head(self.norm(hidden[:, -1]))
+        return hidden, self.head_logits(self.norm(hidden[:, -1]), cache)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]

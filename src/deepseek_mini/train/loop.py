@@ -112,7 +112,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
-    model = initial_model(cfg, ckpt).to(precision.device)
+    model = initial_model(cfg, ckpt, data.train).to(precision.device)
     set_trainable(model, cfg.train.trainable)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:
@@ -176,7 +176,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
         while run.step < end and not stopping:
             lr = run.scheduler.get_last_lr()[0]
-            batch = run.sampler.next_batch(run.ranks.rank, run.ranks.world_size)
+            batch = run.parallel.batch(run.sampler, tcfg.micro_batch_size)
             stats, finite = train_step(run.train_model, run.optimizer, batch,
                                        tcfg.micro_batch_size, tcfg.grad_clip, run.precision,
                                        run.parallel, tcfg.mtp_loss_weight)
@@ -215,11 +215,12 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
 def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[str],
               peak: float, flops: int) -> None:
     cfg = run.cfg
-    n_params = sum(p.numel() for p in run.model.parameters())
-    mtp = sum(p.numel() for p in run.model.mtp.parameters())
-    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    count = run.parallel.numel  # whole-model sizes, experts split over ranks or not
+    n_params = sum(count(p) for p in run.model.parameters())
+    mtp = sum(count(p) for p in run.model.mtp.parameters())
+    trained = sum(count(p) for p in run.model.parameters() if p.requires_grad)
     world = run.ranks.world_size
-    split = (f"{world} {run.parallel.kind} processes x " if world > 1 else "")
+    split = f"{run.parallel.describe()} x " if world > 1 else ""
     log.info(f"model: {n_params:,} parameters"
              + (f" ({mtp:,} in {cfg.model.mtp_depth} MTP modules)" if mtp else "")
              + (f", {trained:,} trained" if trained < n_params else "")

@@ -29,6 +29,7 @@ from ..checkpoint import (
     weights_checkpoint,
 )
 from ..config import Config
+from ..data.frequent_ids import most_frequent_ids
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
 from ..files import BEST, DIVERGED, LATEST, atomic_save
@@ -172,36 +173,75 @@ def resume_checkpoint(cfg: Config, out_dir: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _check_model_config(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
-    saved = ckpt["config"].get("model", {}) if isinstance(ckpt["config"], dict) else {}
-    differences = config_differences(saved, cfg.to_dict()["model"], "model")
+def _saved_model_config(ckpt: dict[str, Any]) -> dict[str, Any]:
+    return ckpt["config"].get("model", {}) if isinstance(ckpt["config"], dict) else {}
+
+
+def _check_model_config(ckpt: dict[str, Any], cfg: Config, path: Path,
+                        free: tuple[str, ...] = ()) -> None:
+    """The checkpoint's model is the config's, but for the keys in ``free``."""
+    saved = {k: v for k, v in _saved_model_config(ckpt).items() if k not in free}
+    current = {k: v for k, v in cfg.to_dict()["model"].items() if k not in free}
+    differences = config_differences(saved, current, "model")
     if differences:
         raise UserError(f"checkpoint {path} was trained with a different model: "
                         f"{'; '.join(differences)}")
 
 
-def initial_model(cfg: Config, ckpt: dict[str, Any] | None) -> DeepSeekMini:
-    """Fresh weights, or a warm start's; a resumed run's weights come later, with the rest."""
+def initial_model(cfg: Config, ckpt: dict[str, Any] | None,
+                  train_tokens: np.ndarray) -> DeepSeekMini:
+    """Fresh weights, or a warm start's; a resumed run's weights come later, with the rest
+    (its trimmed head's ids too). A trimmed head (``model.head_vocab``) keeps the most
+    frequent ids of ``train_tokens`` unless a warm start's checkpoint brings its own."""
     source = cfg.train.warm_start
-    if ckpt is not None or source is None:
+    if ckpt is not None:
         return DeepSeekMini(cfg.model)
-    if source == "smollm2":
-        return warm_start_model(cfg)
-    if source.startswith(HF_PREFIX):
-        return _hf_warm_start(cfg, source.removeprefix(HF_PREFIX))
-    path = Path(source)
+    has_ids = False
+    if source is None:
+        model = DeepSeekMini(cfg.model)
+    elif source == "smollm2":
+        model = warm_start_model(cfg)
+    elif source.startswith(HF_PREFIX):
+        model = _hf_warm_start(cfg, source.removeprefix(HF_PREFIX))
+    else:
+        model, has_ids = _checkpoint_warm_start(cfg, Path(source))
+    if model.head is not None and not has_ids:
+        model.head.set_ids(most_frequent_ids(train_tokens, cfg.model.head_vocab,
+                                             cfg.model.vocab_size))
+    return model
+
+
+def _checkpoint_warm_start(cfg: Config, path: Path) -> tuple[DeepSeekMini, bool]:
+    """A checkpoint's weights, and whether they bring the trimmed head's: a checkpoint
+    trained with another ``model.head_vocab`` gives its trunk and embedding, the head's
+    ids and "other" vector start afresh."""
     warm = load_checkpoint(path)
-    _check_model_config(warm, cfg, path)
+    _check_model_config(warm, cfg, path, free=("head_vocab",))
     check_finite(warm, path)
+    same_head = _saved_model_config(warm).get("head_vocab") == cfg.model.head_vocab
+    return _with_weights(cfg, warm["model"], same_head), same_head
+
+
+def _with_weights(cfg: Config, state: dict[str, torch.Tensor],
+                  same_head: bool) -> DeepSeekMini:
+    """``DeepSeekMini(cfg.model)`` holding ``state``; unless ``same_head``, the trimmed
+    head's own entries (``head.*``) are the new model's, not the state's."""
     model = DeepSeekMini(cfg.model)
-    model.load_state_dict(warm["model"])
+    if not same_head:
+        own = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        state = {**{k: v for k, v in state.items() if not k.startswith("head.")}, **own}
+    model.load_state_dict(state)
     return model
 
 
 def _hf_warm_start(cfg: Config, folder: str) -> DeepSeekMini:
     """A transformers DeepseekV3 folder's weights; the run's model config must be the
-    folder's (``deepseek-mini warm-start --source DIR`` writes one that is)."""
-    model = import_deepseek_v3(folder, cfg.model)
+    folder's (``deepseek-mini warm-start --source DIR`` writes one that is), but for a
+    trimmed head, which a DeepseekV3 folder never has."""
+    full_head = dataclasses.replace(cfg.model, head_vocab=0)
+    model = import_deepseek_v3(folder, full_head)
+    if cfg.model.head_vocab:
+        model = _with_weights(cfg, model.state_dict(), same_head=False)
     differences = config_differences(dataclasses.asdict(model.config),
                                      dataclasses.asdict(cfg.model), "model")
     if differences:
@@ -257,4 +297,5 @@ def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
                     f"schedule at {run.scheduler.get_last_lr()[0]:.3g}){largest}; "
                     + (f"{' and '.join(kept)} kept" if kept else "no earlier checkpoint")
                     + f", step {run.step}'s state written to {out / DIVERGED} instead: lower "
-                    "train.lr or try train.precision=fp32")
+                    "train.lr or try train.precision=fp32 (or, if it recovered, rename it "
+                    f"{LATEST} and --resume)")
