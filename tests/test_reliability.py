@@ -508,8 +508,8 @@ def test_integer_tensors_in_a_checkpoint_are_refused(tmp_path, capsys):
     state["norm.weight"] = torch.ones(32, dtype=torch.int64)
     atomic_save({"model": state, "config": cfg.to_dict()}, tmp_path / "int.pt")
     assert main(["generate", "--checkpoint", str(tmp_path / "int.pt"), "--prompt", "a"]) == 2
-    assert one_error_line(capsys).endswith("its tensor norm.weight is int64, where every "
-                                           "weight is floating point")
+    assert one_error_line(capsys).endswith("its tensor norm.weight is int64, where it is "
+                                           "floating point")
 
 
 def test_a_checkpoint_whose_model_is_not_a_state_dict(tmp_path):
