@@ -287,7 +287,8 @@ def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
     since = (f"the last save (step {run.saved_step})" if run.saved_step else
              "the start of the run")
     count = f"all {steps} steps" if skipped == steps else f"{skipped} of the {steps} steps"
-    weights = [t.abs().max() for t in state["model"].values() if t.is_floating_point()]
+    weights = [t.abs().max() for t in state["model"].values()
+               if t.is_floating_point() and t.numel()]
     largest = f"; the largest weight is {float(max(weights)):.3g}" if weights else ""
     kept = [str(out / name) for name in (LATEST, BEST) if (out / name).exists()]
     if run.ranks.is_main:
