@@ -186,10 +186,12 @@ class Totals:
             weighted = entropy.double() * tokens
             self.entropy = weighted if self.entropy is None else self.entropy + weighted
 
-    def usage(self) -> ExpertUsage | None:
+    def usage(self, first_layer: int = 0) -> ExpertUsage | None:
+        """The expert usage of the MoE layers, the first being layer ``first_layer``."""
         if self.counts is None:
             return None
-        return ExpertUsage.from_counts(self.counts.cpu(), (self.entropy / self.tokens).cpu())
+        return ExpertUsage.from_counts(self.counts.cpu(), (self.entropy / self.tokens).cpu(),
+                                       first_layer)
 
 
 @torch.inference_mode()
@@ -210,15 +212,17 @@ def score(forward: Forward, batches: Iterable[torch.Tensor], device: torch.devic
 
 
 def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: int,
-             device: torch.device, n_bytes: int, progress: bool = True) -> EvalResult:
-    """Sum the negative log-likelihood of every token of ``stream`` after the first."""
+             device: torch.device, n_bytes: int, progress: bool = True,
+             first_moe_layer: int = 0) -> EvalResult:
+    """Sum the negative log-likelihood of every token of ``stream`` after the first;
+    ``first_moe_layer`` (``model.first_k_dense``) names the expert usage's layers."""
     total = len(stream) - 1
     if total < 1:
         raise UserError("nothing to score: the text is shorter than two tokens")
     with Progress(total, "eval", unit="tokens", enabled=progress) as bar:
         totals = score(forward, window_batches(stream, seq_len, batch_size), device,
                        bar.update)
-    return EvalResult(float(totals.nll), total, n_bytes, totals.usage())
+    return EvalResult(float(totals.nll), total, n_bytes, totals.usage(first_moe_layer))
 
 
 def deepseek_forward(model: torch.nn.Module,

@@ -24,7 +24,8 @@ BEST = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (LATEST, BEST, METRICS_FILE, LOG_FILE, CONFIG_FILE)
+DIVERGED = "diverged.pt"  # a diverged run's last state, written beside the good latest.pt
+RUN_FILES = (LATEST, BEST, METRICS_FILE, LOG_FILE, CONFIG_FILE, DIVERGED)
 LOCK_FILE = ".lock"
 EXIT_DISK_FULL = 28  # the command's exit status on a full disk (ENOSPC's number)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -58,9 +59,11 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if is_disk_full(exc):
+            kept = ("the previous file is kept" if path.exists()
+                    else "nothing is left half-written")
             raise DiskFullError(f"the disk is full: cannot write {path} "
                                 f"({_free_bytes(path.parent)} bytes free in {path.parent}); "
-                                "the previous file is kept") from None
+                                f"{kept}") from None
         raise
     _fsync_dir(path.parent)
 
@@ -132,9 +135,16 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return umask_mode(0o666)
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` (0o666 for a file, 0o777 for a folder) less the process's umask: what a
+    plain ``open`` or ``mkdir`` would give, for what ``mkstemp`` / ``mkdtemp`` made 0600 /
+    0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def _free_bytes(directory: Path) -> int:

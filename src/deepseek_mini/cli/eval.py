@@ -56,7 +56,7 @@ def _checkpoint_run(args: argparse.Namespace, docs: list[str], device: torch.dev
     stream = token_stream(segments, tok.encode_batch, tok.eos_id)
     print_note(note)
     return evaluate(deepseek_forward(model), stream, seq_len, args.batch_size, device,
-                    count_bytes(segments))
+                    count_bytes(segments), first_moe_layer=model.config.first_k_dense)
 
 
 def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device,

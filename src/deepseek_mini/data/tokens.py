@@ -6,7 +6,9 @@ two uint16 token files plus a JSON of what they were made from. The cache direct
 name is derived from everything that decides the split (source, file names, tokenizer,
 seed, fractions); its meta also records file sizes, modification times and sampled
 digests, so a changed input is rebuilt in place and an unchanged one is memory-mapped in
-well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too.
+well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too, and
+so does a token file whose sampled digest is not the one recorded when it was written (a
+file overwritten at the same size: zeros are valid ids, and would be trained on).
 
 ``BatchSampler`` draws ``seq_len + 1`` token windows from epoch-wise permutations. Its
 state is two integers, so a resumed run continues with exactly the batches an
@@ -34,7 +36,7 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..files import atomic_write_text, ensure_dir
 from ..progress import Progress
-from .sources import documents, files_fingerprint, warn
+from .sources import documents, files_fingerprint, sample_digest, warn
 from .tokenizer import Tokenizer, load_tokenizer
 
 CACHE_VERSION = 1
@@ -72,12 +74,15 @@ def prepare_data(data: DataConfig, seed: int, vocab_size: int | None = None,
     ensure_dir(directory, "data.cache_dir")
     with _lock(directory / ".lock"):
         meta = _current_meta(directory, identity)
-        if meta is not None and not _ids_fit(directory, tok.vocab_size):
-            warn(f"rebuilding the token cache {directory}: it holds token ids beyond the "
-                 f"tokenizer's {tok.vocab_size} (a corrupt or foreign train.bin / val.bin)")
+        problem = _cache_problem(directory, meta, tok.vocab_size) if meta else None
+        if problem:
+            warn(f"rebuilding the token cache {directory}: {problem}")
             meta = None
         if meta is None:
             meta = _build(data, seed, tok, identity, directory, progress)
+        elif "digests" not in meta:  # a cache written before digests were recorded
+            meta["digests"] = _token_digests(directory)
+            atomic_write_text(json.dumps(meta, indent=2), directory / "meta.json")
     train, val = _open(directory / "train.bin"), _open(directory / "val.bin")
     _check_val_length(val, data)
     return PreparedData(train=train, val=val, meta=meta, tokenizer=tok, path=directory)
@@ -198,6 +203,23 @@ def _current_meta(directory: Path, identity: dict) -> dict | None:
     return meta if all(sizes) else None
 
 
+def _cache_problem(directory: Path, meta: dict, vocab_size: int) -> str | None:
+    """Why a cache whose meta is current cannot be used as it is (None: it can)."""
+    if not _ids_fit(directory, vocab_size):
+        return (f"it holds token ids beyond the tokenizer's {vocab_size} (a corrupt or "
+                "foreign train.bin / val.bin)")
+    if "digests" in meta and meta["digests"] != _token_digests(directory):
+        return ("its train.bin / val.bin changed since they were written (overwritten or "
+                "corrupted at the same size)")
+    return None
+
+
+def _token_digests(directory: Path) -> dict[str, str]:
+    """Sampled digests of the token files (``sample_digest``: milliseconds for any size)."""
+    return {s: sample_digest(directory / f"{s}.bin", (directory / f"{s}.bin").stat().st_size)
+            for s in ("train", "val")}
+
+
 def _what_changed(old: dict | None, new: dict) -> str:
     if not isinstance(old, dict):
         return "its metadata is unreadable"
@@ -234,6 +256,7 @@ def _build(data: DataConfig, seed: int, tok: Tokenizer, identity: dict, director
                       "vocab_size": tok.vocab_size},
         "documents": dict(split.doc_counts),
         "tokens": dict(split.token_counts),
+        "digests": _token_digests(directory),
         "seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(json.dumps(meta, indent=2), directory / "meta.json")

@@ -170,7 +170,7 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
     peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
     _announce(run, log, ckpt, changes, peak, flops)
     run.window.started = time.perf_counter()
-    first_step, skipped_before = run.step, int(run.window.skipped_total)
+    run.saved_step, run.saved_skips = run.step, int(run.window.skipped_total)
     stopping = False
     with StopRequest(log.info) as stop:
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
@@ -199,8 +199,6 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
                 save(run, best=improved, latest=save_latest)
-    _raise_if_all_skipped(run, run.step - first_step,
-                          int(run.window.skipped_total) - skipped_before)
     if stopping:
         log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
                  f"{run.step}; {LATEST} saved (continue with --resume)")
@@ -285,15 +283,6 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
     _raise_on_streak(run, streak)
 
 
-def _raise_if_all_skipped(run: Run, steps: int, skipped: int) -> None:
-    """A session that learnt nothing is a failure, even when it never hit the streak
-    limit (``max_steps`` below it): its exit status must say so."""
-    if steps and skipped == steps:
-        raise UserError(f"all {steps} steps of this run were skipped because the loss or "
-                        f"gradient was not finite: lower train.lr ({run.cfg.train.lr:g}) or "
-                        "try train.precision=fp32")
-
-
 def _check_streak(run: Run) -> None:
     """A read of one counter every ``MAX_NONFINITE_STREAK`` steps between log lines."""
     _raise_on_streak(run, int(run.window.streak))
@@ -326,14 +315,16 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     if len(mine) < math.ceil(len(batches) / world):
         score(forward, batches[:1], device)
     model.train()
+    # Only MoE layers have router statistics (not the first_k_dense ones, not MTP's).
+    moe_layers = totals.counts.shape[0]
     sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
                                        mine_nll[None], totals.counts.flatten(),
                                        totals.entropy])).cpu()
     tokens = float(sums[1])
     val_ce = float(sums[0]) / tokens
     val_mtp_ce = float(sums[2]) / tokens
-    layers = run.cfg.model.num_layers
-    usage = ExpertUsage.from_counts(sums[3:-layers].view(layers, -1), sums[-layers:] / tokens)
+    usage = ExpertUsage.from_counts(sums[3:-moe_layers].view(moe_layers, -1),
+                                    sums[-moe_layers:] / tokens, run.cfg.model.first_k_dense)
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce

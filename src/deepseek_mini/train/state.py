@@ -21,6 +21,7 @@ from torch import nn
 
 from ..checkpoint import (
     all_finite,
+    check_finite,
     config_differences,
     load_checkpoint,
     missing_training_state,
@@ -31,7 +32,7 @@ from ..config import Config
 from ..data.frequent_ids import most_frequent_ids
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
-from ..files import BEST, LATEST, atomic_save
+from ..files import BEST, DIVERGED, LATEST, atomic_save
 from ..interop.hf_import import HF_PREFIX, import_deepseek_v3
 from ..interop.warm_start import warm_start_model
 from ..model.transformer import DeepSeekMini
@@ -61,6 +62,8 @@ class Run:
     last_loss: float | None = None
     elapsed_before: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    saved_step: int = 0  # the step of the last good save (a resume's checkpoint counts)
+    saved_skips: int = 0  # non-finite steps skipped in all by then
 
     @property
     def ranks(self) -> Ranks:
@@ -166,6 +169,7 @@ def resume_checkpoint(cfg: Config, out_dir: Path) -> dict[str, Any]:
         raise UserError(f"--resume: {path} holds no training state ({', '.join(missing)} "
                         "missing); to start from its weights use train.warm_start instead")
     _check_model_config(ckpt, cfg, path)
+    check_finite(ckpt, path, state=True)  # else NaN steps, then train.lr would be blamed
     return ckpt
 
 
@@ -213,6 +217,7 @@ def _checkpoint_warm_start(cfg: Config, path: Path) -> tuple[DeepSeekMini, bool]
     ids and "other" vector start afresh."""
     warm = load_checkpoint(path)
     _check_model_config(warm, cfg, path, free=("head_vocab",))
+    check_finite(warm, path)
     same_head = _saved_model_config(warm).get("head_vocab") == cfg.model.head_vocab
     return _with_weights(cfg, warm["model"], same_head), same_head
 
@@ -259,7 +264,11 @@ def save(run: Run, best: bool, latest: bool) -> None:
                         f"state hold inf or NaN (train.lr is {run.cfg.train.lr:g}); "
                         + (f"{' and '.join(str(run.out_dir / k) for k in kept)} from the last "
                            "good save kept" if kept else "nothing was written"))
+    skipped = int(run.window.skipped_total) - run.saved_skips
     state = run.state_dict()  # on every rank: under FSDP it gathers the shards
+    if skipped:
+        _refuse_diverged(run, state, skipped)
+    run.saved_step, run.saved_skips = run.step, int(run.window.skipped_total)
     if not run.ranks.is_main:
         return
     if best:
@@ -267,3 +276,27 @@ def save(run: Run, best: bool, latest: bool) -> None:
                                        best_val=state["best_val"]), run.out_dir / BEST)
     if latest:
         atomic_save(state, run.out_dir / LATEST)
+
+
+def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
+    """A run that skipped non-finite steps since its last good save has diverged, even
+    when its weights are still finite (a huge learning rate leaves them at 1e28): its
+    state goes to ``diverged.pt`` beside the good ``latest.pt`` / ``best.pt``, which stay,
+    and the run ends with an error saying so."""
+    out, steps = run.out_dir, run.step - run.saved_step
+    since = (f"the last save (step {run.saved_step})" if run.saved_step else
+             "the start of the run")
+    count = f"all {steps} steps" if skipped == steps else f"{skipped} of the {steps} steps"
+    weights = [t.abs().max() for t in state["model"].values()
+               if t.is_floating_point() and t.numel()]
+    largest = f"; the largest weight is {float(max(weights)):.3g}" if weights else ""
+    kept = [str(out / name) for name in (LATEST, BEST) if (out / name).exists()]
+    if run.ranks.is_main:
+        atomic_save(state, out / DIVERGED)
+    raise UserError(f"the run diverged: {count} since {since} were skipped because the loss "
+                    f"or gradient was not finite (train.lr {run.cfg.train.lr:g}, the "
+                    f"schedule at {run.scheduler.get_last_lr()[0]:.3g}){largest}; "
+                    + (f"{' and '.join(kept)} kept" if kept else "no earlier checkpoint")
+                    + f", step {run.step}'s state written to {out / DIVERGED} instead: lower "
+                    "train.lr or try train.precision=fp32 (or, if it recovered, rename it "
+                    f"{LATEST} and --resume)")
