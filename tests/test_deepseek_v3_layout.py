@@ -126,7 +126,7 @@ def test_seed_checkpoint_keys_are_unchanged():
     ("attention", "mla", "model.attention must be one of latent, latent_rope"),
     ("router", "topk", "model.router must be one of softmax, sigmoid"),
     ("qk_rope_head_dim", 7, "qk_rope_head_dim (7) must be even"),
-    ("first_k_dense", 2, "first_k_dense (2) must be below model.num_layers (2)"),
+    ("first_k_dense", 3, "first_k_dense (3) must not exceed model.num_layers (2)"),
     ("n_group", 3, "model.n_group (3) must divide model.num_experts (4)"),
 ])
 def test_new_keys_are_checked(key, value, message):
@@ -222,3 +222,38 @@ def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     got = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     assert torch.equal(got[:, :want.shape[1]], want)
+
+
+def test_a_dense_model_trains_validates_and_evaluates(tmp_path, capsys):
+    """``first_k_dense == num_layers`` is the dense model of the MoE-against-dense
+    comparison (issue 21): every layer a dense MLP as wide as the experts a token runs
+    (top_k + shared), so the active FLOPs match. It has no routers, no router loss and no
+    expert statistics: training validates, eval scores it and refuses ``--experts`` in one
+    line."""
+    from tiny_run import TINY_YAML, tiny_overrides
+
+    from deepseek_mini.cli.main import main
+
+    cfg = small_config(first_k_dense=2, num_layers=2)
+    model = DeepSeekMini(cfg.model)
+    assert not any("router" in k or "experts" in k for k in model.state_dict())
+    ids = torch.randint(0, 256, (2, 9))
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    assert out.aux.item() == 0 and out.expert_counts.shape == (0, cfg.model.num_experts)
+    moe = DeepSeekMini(small_config(num_layers=2).model)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in moe.parameters())
+
+    run = tmp_path / "run"
+    sets = [*tiny_overrides(tmp_path), "model.first_k_dense=2", f"train.out_dir={run}"]
+    assert main(["train", "--config", str(TINY_YAML), *(a for s in sets for a in ("--set", s))
+                 ]) == 0
+    logged = (run / "train.log").read_text()
+    assert "val ce" in logged and "experts:" not in logged
+    data = tmp_path / "heldout.txt"
+    data.write_text("Once upon a time there was a cat.")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--data", str(data)]) == 0
+    assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--data", str(data),
+                 "--experts"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --experts:") and "dense model" in err[-1]

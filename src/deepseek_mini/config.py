@@ -109,9 +109,9 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
                               "for RoPE")
-        if self.first_k_dense >= self.num_layers:
-            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
-                              f"model.num_layers ({self.num_layers}): at least one MoE layer")
+        if self.first_k_dense > self.num_layers:
+            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must not exceed "
+                              f"model.num_layers ({self.num_layers}) (equal: a dense model)")
         _one_of(self, "mtp_ffn", ("moe", "dense"))
         _non_negative(self, "head_vocab")
         if self.head_vocab > self.vocab_size:

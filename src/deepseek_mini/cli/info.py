@@ -18,8 +18,10 @@ def run(args: argparse.Namespace) -> None:
     m = cfg.model
     print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads x "
           f"{m.head_dim}, {m.num_kv_heads} kv heads, latent {m.kv_latent_dim}, "
-          f"{m.num_experts} experts (top-{m.top_k}) + {m.num_shared_experts} shared, "
-          f"{m.expert_activation} {m.expert_hidden}")
+          + (f"dense MLP {m.expert_activation} {m.dense_width}"
+             if m.first_k_dense >= m.num_layers else
+             f"{m.num_experts} experts (top-{m.top_k}) + {m.num_shared_experts} shared, "
+             f"{m.expert_activation} {m.expert_hidden}"))
     print(f"total parameters       {sizes['total_params']:>15,}")
     print(f"active per token       {sizes['active_params']:>15,}")
     print(f"train FLOPs per token  {sizes['flops_per_token']:>15,}  (seq len {cfg.data.seq_len})")

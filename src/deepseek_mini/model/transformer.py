@@ -210,8 +210,7 @@ class DeepSeekMini(nn.Module):
         if targets is None:  # now, under the caller's autocast and grad mode
             out.logits = self.head_logits(x, cache)
         if with_stats:
-            out.expert_counts = torch.stack([s.expert_counts for s in stats])
-            out.router_entropy = torch.stack([s.router_entropy for s in stats])
+            out.expert_counts, out.router_entropy = self._router_stats(stats, x)
         if targets is not None:
             weight = self._head_weight()  # gathered once for the model and its MTP modules
             out.ce = self._head_ce(x.flatten(0, 1), weight, targets.flatten())
@@ -221,11 +220,22 @@ class DeepSeekMini(nn.Module):
                 if mtp_stats:
                     out.mtp_expert_counts = torch.stack([s.expert_counts for s in mtp_stats])
                 stats = stats + mtp_stats
-            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
-            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+            zero = out.ce.new_zeros(())  # a model with no MoE layer has no router loss
+            out.balance_loss = sum((s.balance_loss for s in stats), zero)
+            out.z_loss = sum((s.z_loss for s in stats), zero)
             out.aux = out.balance_loss + out.z_loss
             out.loss = out.ce + out.aux
         return out
+
+    def _router_stats(self, stats: list, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert counts [MoE layers, experts] and router entropies [MoE layers]; empty
+        (zero rows) for an all-dense model (``first_k_dense == num_layers``)."""
+        if not stats:
+            return (x.new_zeros((0, self.config.num_experts), dtype=torch.long),
+                    x.new_zeros((0,), dtype=torch.float32))
+        return (torch.stack([s.expert_counts for s in stats]),
+                torch.stack([s.router_entropy for s in stats]))
 
     def _head_weight(self) -> torch.Tensor | None:
         """The rows the head scores: the full head's [V, h], or the trimmed head's; None

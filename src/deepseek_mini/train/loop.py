@@ -315,27 +315,32 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     if len(mine) < math.ceil(len(batches) / world):
         score(forward, batches[:1], device)
     model.train()
-    # Only MoE layers have router statistics (not the first_k_dense ones, not MTP's).
-    moe_layers = totals.counts.shape[0]
+    # Only MoE layers have router statistics (not the first_k_dense ones, not MTP's): a
+    # dense model (first_k_dense == num_layers) has none.
+    moe_layers, experts = totals.counts.shape
     sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
                                        mine_nll[None], totals.counts.flatten(),
                                        totals.entropy])).cpu()
     tokens = float(sums[1])
     val_ce = float(sums[0]) / tokens
     val_mtp_ce = float(sums[2]) / tokens
-    usage = ExpertUsage.from_counts(sums[3:-moe_layers].view(moe_layers, -1),
-                                    sums[-moe_layers:] / tokens, run.cfg.model.first_k_dense)
+    counts_end = 3 + moe_layers * experts
+    usage = (ExpertUsage.from_counts(sums[3:counts_end].view(moe_layers, experts),
+                                     sums[counts_end:] / tokens, run.cfg.model.first_k_dense)
+             if moe_layers else None)
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce
     run.last_val = val_ce
-    log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)}) | "
-             + (f"val mtp ce {val_mtp_ce:.4f} | " if mtp else "") + usage.summary())
-    for warning in run.watch.update(usage):
+    log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)})"
+             + (f" | val mtp ce {val_mtp_ce:.4f}" if mtp else "")
+             + (f" | {usage.summary()}" if usage else ""))
+    for warning in run.watch.update(usage) if usage else []:
         log.info(warning)
     log.metrics({"step": run.step, "val_ce": val_ce, "best_val_ce": run.best_val,
                  "tokens_seen": run.tokens_seen, "cpu_s": cpu_seconds(),
-                 **({"val_mtp_ce": val_mtp_ce} if mtp else {}), **usage.to_dict()})
+                 **({"val_mtp_ce": val_mtp_ce} if mtp else {}),
+                 **(usage.to_dict() if usage else {})})
     return improved
 
 
