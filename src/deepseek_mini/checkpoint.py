@@ -78,9 +78,30 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint: its tensor "
                         f"{odd} is {str(model[odd].dtype).removeprefix('torch.')}, where it is "
                         f"{kind}")
-    if isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict):
-        ckpt["config"] = {**ckpt["config"], "model": upgrade_model_dict(ckpt["config"]["model"])}
+    config = ckpt["config"]
+    where = ("" if not isinstance(config, dict) else
+             next((f"'s {name!r} section" for name in ("model", "data", "train")
+                   if not isinstance(config.get(name, {}), dict)), None))
+    if where is not None:
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint (its "
+                        f"config{where} is not a mapping)")
+    if "model" in config:
+        ckpt["config"] = {**config, "model": upgrade_model_dict(config["model"])}
     return ckpt
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """The first way ``given`` (a state dict) does not fit a model whose state dict is
+    ``expected``, in one phrase naming the tensor; None when it fits. What
+    ``load_state_dict`` would say over many lines, under a heading that names none."""
+    for name, tensor in expected.items():
+        if name not in given:
+            return f"tensor {name} is missing"
+        if tuple(given[name].shape) != tuple(tensor.shape):
+            return (f"tensor {name} has shape {list(given[name].shape)}, the model's is "
+                    f"{list(tensor.shape)}")
+    extra = next((name for name in given if name not in expected), None)
+    return None if extra is None else f"tensor {extra} is not one of the model's"
 
 
 def all_finite(tensors: Iterable[Any]) -> bool:
