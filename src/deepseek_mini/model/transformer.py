@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, model_config_of
+from ..checkpoint import load_checkpoint, model_config_of, state_dict_mismatch
 from ..config import ModelConfig
 from ..errors import UserError
+from ..memory import check_fits
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
 from .head import TrimmedHead
@@ -34,6 +35,7 @@ from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
 from .router import sigmoid_routers
+from .sizes import model_memory
 
 
 @dataclass
@@ -104,6 +106,8 @@ class DecoderLayer(nn.Module):
 class DeepSeekMini(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        check_fits(model_memory(cfg), torch.get_default_device(),
+                   f"a model of hidden_size {cfg.hidden_size} x {cfg.num_layers} layers")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -341,13 +345,17 @@ class DeepSeekMini(nn.Module):
         """The model of an already read checkpoint (``path`` only names it in errors), for
         callers that also need its other entries."""
         model = cls(model_config_of(ckpt, path))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"checkpoint {path} does not match its model config: {first}"
-                            ) from None
+        load_weights(model, ckpt["model"], f"checkpoint {path}")
         return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)``, a state that does not fit being a UserError that
+    names the first tensor at fault (``what`` names the state's origin)."""
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise UserError(f"{what} does not match its model config: {mismatch}")
+    model.load_state_dict(state)
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:

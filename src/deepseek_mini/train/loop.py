@@ -35,9 +35,10 @@ from ..expert_usage import CollapseWatch, ExpertUsage
 from ..files import CONFIG_FILE, LATEST, METRICS_FILE, atomic_write_text
 from ..inference.generate import generate
 from ..inference.prompts import completion_text
-from ..model.sizes import flops_per_token
+from ..memory import check_fits
+from ..model.sizes import flops_per_token, training_memory
 from ..model.transformer import compile_model
-from ..threads import busy_note, set_threads
+from ..threads import busy_note, set_threads, user_chose_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
@@ -103,6 +104,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
            precision: Precision, parallel: Parallel, notes: list[str]) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
+    shards = ranks.world_size if parallel.kind == "fsdp" else 1
+    check_fits(training_memory(cfg, shards), precision.device, "training this config")
     check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     changes: list[str] = []
@@ -123,7 +126,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
               BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed),
               LogWindow.zeros(precision.device), CollapseWatch())
     if ckpt is not None:
-        run.load_state_dict(ckpt)
+        run.load_state_dict(ckpt, out_dir / LATEST)
     if ranks.is_main:
         if resume:
             continue_metrics(out_dir / METRICS_FILE, run.step)
@@ -242,7 +245,7 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[
             log.info(f"learning rate: the cosine reaches min_lr at step "
                      f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
                      f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
-    if run.precision.device.type == "cpu":
+    if run.precision.device.type == "cpu" and not user_chose_threads(cfg.train.threads):
         note = busy_note("--threads N (or train.threads)")
         if note:
             log.info(note)
@@ -270,12 +273,12 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
     log.info(f"step {run.step:>6}/{run.cfg.train.max_steps} | loss {loss:.4f} | ce {ce:.4f} | "
              + (f"mtp ce {mtp_ce:.4f} | " if mtp else "")
              + f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
-             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}%"
+             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}% of {format_flops(peak)}"
              + (f" | skipped {skipped_now} non-finite steps ({skipped} in all)"
                 if skipped_now else ""))
     log.metrics({"step": run.step, "loss": loss, "ce": ce, "aux": aux, "lr": lr,
                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm,
-                 "mfu": mfu, "balance_loss": balance, "z_loss": z,
+                 "mfu": mfu, "peak_flops": peak, "balance_loss": balance, "z_loss": z,
                  "tokens_seen": run.tokens_seen, "skipped_steps": skipped,
                  "cpu_s": cpu_seconds(),
                  **({"mtp_ce": mtp_ce} if mtp else {})})
