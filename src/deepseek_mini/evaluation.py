@@ -287,10 +287,23 @@ def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
         raise UserError(f"cannot load --hf-model {spec}: its PyTorch weights file holds "
                         "Python objects besides tensors, which a weights-only load refuses; "
                         "use a safetensors copy of the model") from None
+    except _safetensors_error() as exc:
+        raise UserError(f"cannot load --hf-model {spec}: its safetensors weights are cut short "
+                        f"or damaged ({str(exc).strip() or type(exc).__name__})") from None
     except (OSError, ValueError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load --hf-model {spec}: {first}") from None
     return model.eval(), tokenizer
+
+
+def _safetensors_error() -> type[Exception]:
+    """safetensors' own error type (what a damaged file raises), where it is installed;
+    else a type nothing raises."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return type("NoSafetensors", (Exception,), {})
+    return SafetensorError
 
 
 def hf_separator(tokenizer: Any, spec: str) -> int:

@@ -147,6 +147,12 @@ def umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def free_bytes(directory: str | Path) -> int:
+    """Bytes an unprivileged writer may still put in ``directory``'s file system (0 when
+    that cannot be read): what a full-disk error reports."""
+    return _free_bytes(Path(directory))
+
+
 def _free_bytes(directory: Path) -> int:
     try:
         return os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize

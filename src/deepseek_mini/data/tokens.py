@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import atomic_write_text, ensure_dir
+from ..files import DiskFullError, atomic_write_text, ensure_dir, free_bytes, is_disk_full
 from ..progress import Progress
 from .sources import documents, files_fingerprint, sample_digest, warn
 from .tokenizer import Tokenizer, load_tokenizer
@@ -240,8 +241,8 @@ def _build(data: DataConfig, seed: int, tok: Tokenizer, identity: dict, director
     if total is not None and data.max_documents is not None:
         total = min(total, data.max_documents)
     bar = Progress(total, f"tokenizing {data.source}", unit="documents", enabled=progress)
-    with split, bar:
-        for tokens, lengths in _tokenize(docs, tok, data.num_workers):
+    with split, bar, contextlib.closing(_tokenize(docs, tok, data.num_workers)) as chunks:
+        for tokens, lengths in chunks:
             split.add(tokens, lengths)
             bar.update(len(lengths))
             bar.set_postfix(f"tokens={split.total_tokens:,}")
@@ -282,6 +283,11 @@ def _tokenize(docs: Iterator[str], tok: Tokenizer,
 
 def _init_worker(path: Path) -> None:
     global _worker_tokenizer
+    # The parent decides how an interrupt ends (it stops the pool, which terminates the
+    # workers): a forked worker must not act on Ctrl-C itself, nor run the CLI's
+    # SIGTERM-as-interrupt handler and print a traceback as the pool goes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _worker_tokenizer is None or _worker_tokenizer.path != path:
         _worker_tokenizer = load_tokenizer(str(path))
 
@@ -313,16 +319,33 @@ class _SplitWriter:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
+        """Whole files renamed into place; after any failure (a full disk, an interrupt)
+        the temporaries removed, a full disk reported as one (exit 28)."""
+        try:
+            if kind is None:
+                for f in self.files.values():
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as failure:
+            exc = failure
         for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        if kind is not None:
-            for p in self.tmp.values():
-                p.unlink(missing_ok=True)
-            return
-        for split, p in self.tmp.items():
-            os.replace(p, self.directory / f"{split}.bin")
+            with contextlib.suppress(OSError):  # what a full disk left unflushed is dropped
+                f.close()
+        if exc is None:
+            try:
+                for split, p in self.tmp.items():
+                    os.replace(p, self.directory / f"{split}.bin")
+                return
+            except OSError as failure:  # a folder in the way: the metadata is not written
+                exc = failure
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write the token cache in "
+                                f"{self.directory} ({free_bytes(self.directory)} bytes free); "
+                                "its partial files were removed") from None
+        if kind is None:
+            raise exc
 
     @property
     def documents(self) -> int:
@@ -339,7 +362,7 @@ class _SplitWriter:
                                   ("val", is_val, token_is_val)):
             n = int(docs.sum())
             if n:
-                tokens[toks].tofile(self.files[split])
+                self.files[split].write(tokens[toks])  # not tofile: its errors have no errno
                 self.doc_counts[split] += n
                 self.token_counts[split] += int(lengths[docs].sum())
                 self.last_len[split] = int(lengths[docs][-1])
@@ -361,7 +384,7 @@ class _SplitWriter:
     def _move_last(self, src: str, dst: str) -> None:
         n = self.last_len[src]
         tail = self._pop_tail(src, n)
-        tail.tofile(self.files[dst])
+        self.files[dst].write(tail)
         self.doc_counts[src] -= 1
         self.doc_counts[dst] += 1
         self.token_counts[dst] += n
@@ -371,8 +394,8 @@ class _SplitWriter:
         n = self.token_counts[split]
         tokens = self._pop_tail(split, n)
         cut = max(1, min(n - 1, round(n * (1 - self.val_fraction))))
-        tokens[:cut].tofile(self.files["train"])
-        tokens[cut:].tofile(self.files["val"])
+        self.files["train"].write(tokens[:cut])
+        self.files["val"].write(tokens[cut:])
         self.token_counts = {"train": cut, "val": n - cut}
         self.doc_counts = {"train": 1, "val": 1}
 

@@ -33,7 +33,7 @@ from ..checkpoint import check_finite, load_checkpoint, model_config_of
 from ..config import Config, ConfigError, ModelConfig
 from ..data.tokenizer import EOS_TOKEN, Tokenizer, load_tokenizer
 from ..errors import UserError
-from ..files import umask_mode
+from ..files import DiskFullError, ensure_dir, free_bytes, is_disk_full, umask_mode
 from ..model.transformer import DeepSeekMini
 from .exportable import check_exportable
 from .hf_layout import hf_config, native_blocker, to_hf
@@ -70,10 +70,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Exported:
     else:
         tensors, cfg_json = _remote_tensors(model.config, state), _remote_config(model.config,
                                                                                 tok.eos_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = _staging_folder(out)
     try:
-        _write_folder(staging, tensors, cfg_json, tok, remote=blocker is not None)
+        _write_folder_or_full_disk(staging, tensors, cfg_json, tok, remote=blocker is not None)
         _follow_umask(staging)
         if out.exists():
             out.rmdir()
@@ -81,6 +80,32 @@ def export(checkpoint: str | Path, out: str | Path) -> Exported:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Exported(out, blocker is None, blocker, len(tensors))
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new folder beside ``out`` to assemble the export in; a parent that is a file, or
+    one where no folder can be made (/proc, read-only), is the user's to fix."""
+    parent = ensure_dir(out.parent, "export --out's parent folder")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot create a folder in {parent}") from None
+        raise UserError(f"export: cannot create a folder in {parent}: "
+                        f"{exc.strerror or exc}") from None
+
+
+def _write_folder_or_full_disk(folder: Path, *args: Any, **kwargs: Any) -> None:
+    """``_write_folder``, a full disk being one error line (exit 28) whichever writer met
+    it: safetensors reports it as its own error type, with the OS's message inside."""
+    try:
+        _write_folder(folder, *args, **kwargs)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(f"the disk is full: cannot write the export in {folder.parent} "
+                            f"({free_bytes(folder.parent)} bytes free); nothing was "
+                            "exported") from None
 
 
 def _remote_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]
