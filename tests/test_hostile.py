@@ -6,6 +6,7 @@ ends as one ``error:`` line (or quietly), never a traceback."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
@@ -19,12 +20,19 @@ import pytest
 import serving
 import torch
 from test_reliability import one_error_line, one_error_line_of, train_args
-from tiny_run import ROOT, TINY_YAML, tiny_overrides
+from tiny_run import ROOT, TINY_YAML, VOCAB, small_config, tiny_overrides
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.cli.main import build_parser, main
 from deepseek_mini.data import tokens
-from deepseek_mini.files import EXIT_DISK_FULL, LATEST, LOCK_FILE, METRICS_FILE
+from deepseek_mini.files import (
+    EXIT_DISK_FULL,
+    LATEST,
+    LOCK_FILE,
+    METRICS_FILE,
+    atomic_save,
+    is_disk_full,
+)
 from deepseek_mini.model.sizes import training_memory
 from deepseek_mini.threads import user_chose_threads
 
@@ -245,6 +253,26 @@ def test_export_into_a_folder_that_cannot_hold_one_is_one_error_line(checkpoint,
     assert "is (or lies under) a file, not a folder" in one_error_line(capsys)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", "/proc/hf"]) == 2
     assert one_error_line(capsys).startswith("error: export: cannot create a folder in /proc")
+
+
+def test_numpys_short_write_counts_as_a_full_disk():
+    assert is_disk_full(OSError("16384 requested and 12672 written"))  # what tofile raises
+    assert not is_disk_full(OSError("16384 requested"))
+    assert not is_disk_full(OSError(errno.EIO, "16384 requested and 12672 written"))
+
+
+def test_a_gguf_export_into_a_folder_that_takes_no_file_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("gguf", reason="--format gguf writes with the gguf package")
+    cfg = small_config(vocab_size=VOCAB, attention="latent_rope", router="sigmoid",
+                       expert_activation="swiglu", qk_nope_head_dim=8, qk_rope_head_dim=8,
+                       v_head_dim=16)
+    cfg.data.tokenizer = tiny_overrides(tmp_path)[-2].split("=", 1)[1]
+    atomic_save({"model": DeepSeekMini(cfg.model).state_dict(), "config": cfg.to_dict()},
+                tmp_path / "v3.pt")
+    assert main(["export", "--format", "gguf", "--checkpoint", str(tmp_path / "v3.pt"),
+                 "--out", "/proc/m.gguf"]) == 2
+    assert one_error_line(capsys) == ("error: cannot create a file in /proc: No such file or "
+                                      "directory")
 
 
 def test_eval_of_an_hf_model_with_a_truncated_safetensors_is_one_error_line(

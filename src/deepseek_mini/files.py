@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     """Call ``write(f)`` on a temporary file beside ``path``, then make it ``path``."""
     path = Path(path)
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
-                               suffix=".tmp")
+    fd, tmp = _mkstemp(path)
     try:
         os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb" if binary else "w",
@@ -74,8 +74,7 @@ def atomic_write_named(path: str | Path, write: Callable[[Path], Any]) -> None:
     fsynced and renamed over it, with the same modes and full-disk error."""
     path = Path(path)
     ensure_dir(path.parent)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
-                                suffix=".tmp")
+    fd, name = _mkstemp(path)
     tmp = Path(name)
     try:
         try:
@@ -97,6 +96,21 @@ def atomic_write_named(path: str | Path, write: Callable[[Path], Any]) -> None:
                                 "the previous file is kept") from None
         raise
     _fsync_dir(path.parent)
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """The temporary file beside ``path``; a folder that takes no new files (/proc) is
+    the user's to fix (a full disk and a folder we may not write are reported as such)."""
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
+                                suffix=".tmp")
+    except PermissionError:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write {path}") from None
+        raise UserError(f"cannot create a file in {path.parent}: {exc.strerror or exc}"
+                        ) from None
 
 
 def ensure_dir(path: str | Path, what: str = "folder") -> Path:
@@ -123,10 +137,17 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in _DISK_FULL:
             return True
-        if "No space left on device" in str(current):
+        if "No space left on device" in str(current) or _short_write(current):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _short_write(exc: BaseException) -> bool:
+    """numpy's ``tofile`` (the token cache, the gguf package's writer) reports a write
+    the disk cut short as ``OSError: N requested and M written``, without an errno."""
+    return (isinstance(exc, OSError) and exc.errno is None
+            and re.fullmatch(r"\d+ requested and \d+ written", str(exc)) is not None)
 
 
 def _mode_for(path: Path) -> int:
