@@ -22,7 +22,7 @@ import torch
 from test_reliability import one_error_line, one_error_line_of, train_args
 from tiny_run import ROOT, TINY_YAML, VOCAB, small_config, tiny_overrides
 
-from deepseek_mini import Config, DeepSeekMini
+from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.cli.main import build_parser, main
 from deepseek_mini.data import tokens
 from deepseek_mini.files import (
@@ -407,6 +407,39 @@ def test_a_warm_start_that_cannot_map_fails_before_reading_the_weights(tmp_path,
     monkeypatch.setattr(gguf.quants, "dequantize", never)
     assert main(["warm-start", "--config", str(TINY_YAML), "--out", str(tmp_path / "w.pt")]) == 2
     assert "model.hidden_size is 128 but SmolLM2" in one_error_line(capsys)
+
+
+def test_the_gguf_header_reads_what_the_gguf_reader_reads(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the reference is the gguf package's reader")
+    from deepseek_mini.interop.gguf_header import read_gguf_header
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.block_count", 3)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_float64("some.double", 0.25)
+    writer.add_int64("some.int64", -7)
+    writer.add_bool("some.flag", True)
+    writer.add_string("general.name", "tiny ✓")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "<|endoftext|>"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, 1.5])
+    writer.add_tensor("token_embd.weight", torch.zeros(5, 4).numpy())
+    writer.add_tensor("blk.0.attn_q.weight", torch.zeros(4, 4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = read_gguf_header(path)
+    assert header.fields == {"general.architecture": "llama", "llama.block_count": 3,
+                             "llama.attention.layer_norm_rms_epsilon": 1e-5,
+                             "some.double": 0.25, "some.int64": -7, "some.flag": True,
+                             "general.name": "tiny ✓"}
+    reader = gguf.GGUFReader(path)
+    assert header.shapes == {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert header.shapes["token_embd.weight"] == [4, 5]  # innermost first, as GGUF stores
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    with pytest.raises(UserError, match="cannot read GGUF file"):
+        read_gguf_header(tmp_path / "junk.gguf")
 
 
 def test_help_shows_each_default_once_and_every_option_says_what_it_is(capsys):
