@@ -141,15 +141,19 @@ class Run:
         self.scheduler._last_lr = rates
 
 
-def check_training_state(ckpt: dict[str, Any], model: nn.Module,
+def check_training_state(ckpt: dict[str, Any], model: DeepSeekMini,
                          optimizer: torch.optim.Optimizer, path: str | Path) -> None:
     """The counters and the shapes of a ``latest.pt``'s entries, checked before any is
-    loaded: torch accepts an optimizer state of other shapes (it fails steps later) and
-    a negative or absurd step silently."""
+    loaded: torch accepts an optimizer state of other shapes (the fused step then aborts
+    the process) and a negative or absurd step silently. Shapes are the whole model's, as
+    the checkpoint holds them, whatever share of it this rank keeps (FSDP, experts)."""
     def damaged(why: str) -> UserError:
         return UserError(f"--resume: {path} is damaged: {why}")
 
-    mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
+    with torch.device("meta"):  # the single-process model's shapes, nothing allocated
+        whole = DeepSeekMini(model.config).state_dict()
+    full = {name: tuple(t.shape) for name, t in whole.items()}
+    mismatch = state_dict_mismatch(whole, ckpt["model"])
     if mismatch is not None:
         raise damaged(f"its model does not fit the config: {mismatch}")
     for name in ("step", "tokens_seen"):
@@ -170,12 +174,15 @@ def check_training_state(ckpt: dict[str, Any], model: nn.Module,
             isinstance(ckpt["sampler"].get(k), int) and ckpt["sampler"][k] >= 0
             for k in ("epoch", "position")):
         raise damaged("its sampler state has no epoch and position counts")
-    _check_optimizer_state(ckpt["optimizer"], optimizer, damaged)
+    names = {id(p): name for name, p in model.named_parameters()}
+    _check_optimizer_state(ckpt["optimizer"], optimizer, damaged,
+                           lambda p: full.get(names.get(id(p), ""), tuple(p.shape)))
 
 
-def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, damaged) -> None:
+def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, damaged,
+                           shape_of) -> None:
     """The saved optimizer's groups hold as many parameters as this run's, and each
-    parameter's moments have its shape."""
+    parameter's moments have its (whole) shape, ``shape_of(param)``."""
     groups = state.get("param_groups") if isinstance(state, dict) else None
     per_param = state.get("state") if isinstance(state, dict) else None
     ours = [group["params"] for group in optimizer.param_groups]
@@ -188,11 +195,12 @@ def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, damaged
     ids = [i for g in groups for i in g["params"]]
     for index, param in zip(ids, params, strict=True):
         entry = per_param.get(index, {})
+        shape = shape_of(param)
         for key, value in (entry.items() if isinstance(entry, dict) else [("", None)]):
             if not isinstance(value, torch.Tensor) or (
-                    value.dim() and tuple(value.shape) != tuple(param.shape)):
+                    value.dim() and tuple(value.shape) != shape):
                 raise damaged(f"its optimizer state {key!r} of parameter {index} is not a "
-                              f"tensor of the parameter's shape {list(param.shape)}")
+                              f"tensor of the parameter's shape {list(shape)}")
 
 
 def _first_line(exc: BaseException) -> str:
