@@ -8,6 +8,7 @@ the files. Nothing here is ever executed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -109,9 +110,9 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
                               "for RoPE")
-        if self.first_k_dense >= self.num_layers:
-            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
-                              f"model.num_layers ({self.num_layers}): at least one MoE layer")
+        if self.first_k_dense > self.num_layers:
+            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must not exceed "
+                              f"model.num_layers ({self.num_layers}) (equal: a dense model)")
         _one_of(self, "mtp_ffn", ("moe", "dense"))
         _non_negative(self, "head_vocab")
         if self.head_vocab > self.vocab_size:
@@ -328,6 +329,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"{self.name} line {line}: a key must be a name, got "
+                                  f"{key!r}") from None
             if key in seen:
                 raise ConfigError(f"{self.name}: duplicate key {key!r} at lines {seen[key]} "
                                   f"and {line}")
@@ -373,10 +379,22 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    if (section, name) in RENAMED:
+        raise ConfigError(f"--set {item!r}: '{key.strip()}' is no longer a key: write "
+                          f"{RENAMED[section, name]} instead")
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if name not in fields:  # the command line's mistake, not the file's
+        raise ConfigError(f"--set {item!r}: unknown key '{section}.{name}'"
+                          + _did_you_mean(section, name, fields))
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"config section '{section}' must be a mapping")
     target[name] = value
+
+
+def _did_you_mean(section: str, name: Any, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return f" (did you mean '{section}.{close[0]}'?)" if close else ""
 
 
 def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
@@ -392,7 +410,8 @@ def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{name}.{key}' is no longer a key: write "
                               f"{RENAMED[name, key]} instead")
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'")
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'"
+                              + _did_you_mean(name, key, sorted(fields)))
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
     return kind(**values)
 

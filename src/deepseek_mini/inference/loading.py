@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import all_finite, load_checkpoint
+from ..checkpoint import check_finite, load_checkpoint
 from ..config import Config, ConfigError
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import UserError
@@ -28,9 +28,7 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu",
         check_mode(quantize)
         check_device(device, quantize)
     ckpt = load_checkpoint(path)
-    if not all_finite(ckpt["model"].values()):
-        raise UserError(f"checkpoint {path} holds non-finite weights (inf or NaN): it was "
-                        "saved from a diverged run and cannot be used")
+    check_finite(ckpt, path)
     model = DeepSeekMini.from_checkpoint_dict(ckpt, path).to(device=device, dtype=dtype).eval()
     try:
         config = Config.from_dict(ckpt["config"], f"checkpoint {path}")

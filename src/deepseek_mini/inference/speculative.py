@@ -30,7 +30,7 @@ import torch
 
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekMini
-from .sampling import probabilities
+from .sampling import draw, probabilities
 
 Streamer = Callable[[torch.Tensor], None]
 
@@ -72,7 +72,7 @@ class Sampler:
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per row of ``probs`` [B, V] (weights need not sum to one)."""
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return draw(probs, self.generator)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of ``logits`` [B, V], as plain decoding chooses it."""

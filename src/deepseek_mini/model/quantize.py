@@ -160,6 +160,8 @@ class Int8Experts(nn.Module):
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
 
+    served_counts = RoutedExperts.served_counts  # one process's own tokens
+
     def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         gate = (int8_linear(rows, self.w_gate_q[e], self.w_gate_scale[e])
                 if self.has_gate else None)
@@ -196,6 +198,8 @@ class Bf16Experts(nn.Module):
         for name in ("w_up", "w_gate", "w_down"):
             weight = getattr(experts, name)
             self.register_buffer(name, None if weight is None else weight.detach().to(COMPUTE))
+
+    served_counts = RoutedExperts.served_counts
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return RoutedExperts.forward(self, x.to(COMPUTE), counts).to(x.dtype)

@@ -134,6 +134,40 @@ def plain_kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
 
 
+# Memory lower bounds, in bytes by what they hold (memory.check_fits compares the sum
+# with the machine): less than any run needs, so only configs that cannot fit are refused.
+
+def model_memory(cfg: ModelConfig, bytes_per_value: int = 4) -> dict[str, int]:
+    """What building the model holds: its weights (MTP included) and the RoPE tables
+    (cos and sin, fp32, ``max_position`` rows)."""
+    weights = (total_params(cfg) + mtp_params(cfg)) * bytes_per_value
+    return {"the weights (model.vocab_size, hidden_size, num_layers, expert sizes)": weights,
+            "the RoPE tables (model.max_position)": 2 * 4 * cfg.max_position * cfg.rope_dim}
+
+
+def training_memory(cfg: Config, shards: int = 1) -> dict[str, int]:
+    """``model_memory`` plus gradients and AdamW's two moments (fp32) of the trained
+    weights, split over ``shards`` FSDP ranks; the global batch's token windows (int64);
+    and what autograd keeps per token and layer, counted at 2 bytes a value (16-bit
+    autocast) and only the widest tensors: the layer's input, attention output and norm
+    inputs, the latent, each routed slot's input and every run expert's hidden units (a
+    dense layer's MLP units instead); measured, about half of what bf16 keeps."""
+    m, t = cfg.model, cfg.train
+    trained = mtp_params(m) if t.trainable == "mtp" else total_params(m) + mtp_params(m)
+    common = 4 * m.hidden_size + m.kv_latent_dim
+    moe = m.top_k * m.hidden_size + (m.top_k + m.num_shared_experts) * m.expert_hidden
+    mtp = m.expert_hidden if m.mtp_ffn == "dense" else moe
+    per_token = (m.num_layers + m.mtp_depth) * common + m.first_k_dense * m.dense_width \
+        + (m.num_layers - m.first_k_dense) * moe + m.mtp_depth * mtp
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    weights = model_memory(m)
+    return {**{part: size // shards for part, size in weights.items()},
+            "the gradients and AdamW state": 12 * trained // shards,
+            "the batch (train.batch_size x data.seq_len)":
+                8 * t.batch_size * (cfg.data.seq_len + 1) // shards,
+            "the activations (train.micro_batch_size x data.seq_len)": 2 * per_token * tokens}
+
+
 def report(cfg: Config) -> dict[str, int]:
     m = cfg.model
     return {

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, model_config_of
+from ..checkpoint import load_checkpoint, model_config_of, state_dict_mismatch
 from ..config import ModelConfig
 from ..errors import UserError
+from ..memory import check_fits
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
 from .head import TrimmedHead
@@ -34,6 +35,7 @@ from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
 from .router import sigmoid_routers
+from .sizes import model_memory
 
 
 @dataclass
@@ -104,6 +106,8 @@ class DecoderLayer(nn.Module):
 class DeepSeekMini(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        check_fits(model_memory(cfg), torch.get_default_device(),
+                   f"a model of hidden_size {cfg.hidden_size} x {cfg.num_layers} layers")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -210,8 +214,7 @@ class DeepSeekMini(nn.Module):
         if targets is None:  # now, under the caller's autocast and grad mode
             out.logits = self.head_logits(x, cache)
         if with_stats:
-            out.expert_counts = torch.stack([s.expert_counts for s in stats])
-            out.router_entropy = torch.stack([s.router_entropy for s in stats])
+            out.expert_counts, out.router_entropy = self._router_stats(stats, x)
         if targets is not None:
             weight = self._head_weight()  # gathered once for the model and its MTP modules
             out.ce = self._head_ce(x.flatten(0, 1), weight, targets.flatten())
@@ -221,11 +224,22 @@ class DeepSeekMini(nn.Module):
                 if mtp_stats:
                     out.mtp_expert_counts = torch.stack([s.expert_counts for s in mtp_stats])
                 stats = stats + mtp_stats
-            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
-            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+            zero = out.ce.new_zeros(())  # a model with no MoE layer has no router loss
+            out.balance_loss = sum((s.balance_loss for s in stats), zero)
+            out.z_loss = sum((s.z_loss for s in stats), zero)
             out.aux = out.balance_loss + out.z_loss
             out.loss = out.ce + out.aux
         return out
+
+    def _router_stats(self, stats: list, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert counts [MoE layers, experts] and router entropies [MoE layers]; empty
+        (zero rows) for an all-dense model (``first_k_dense == num_layers``)."""
+        if not stats:
+            return (x.new_zeros((0, self.config.num_experts), dtype=torch.long),
+                    x.new_zeros((0,), dtype=torch.float32))
+        return (torch.stack([s.expert_counts for s in stats]),
+                torch.stack([s.router_entropy for s in stats]))
 
     def _head_weight(self) -> torch.Tensor | None:
         """The rows the head scores: the full head's [V, h], or the trimmed head's; None
@@ -331,13 +345,17 @@ class DeepSeekMini(nn.Module):
         """The model of an already read checkpoint (``path`` only names it in errors), for
         callers that also need its other entries."""
         model = cls(model_config_of(ckpt, path))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"checkpoint {path} does not match its model config: {first}"
-                            ) from None
+        load_weights(model, ckpt["model"], f"checkpoint {path}")
         return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)``, a state that does not fit being a UserError that
+    names the first tensor at fault (``what`` names the state's origin)."""
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise UserError(f"{what} does not match its model config: {mismatch}")
+    model.load_state_dict(state)
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:
