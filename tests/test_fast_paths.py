@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.inference.generate import generate
+from deepseek_mini.model import loss as loss_module
 from deepseek_mini.model.loss import linear_cross_entropy
 from deepseek_mini.model.moe import grouped_matmul
 from deepseek_mini.model.transformer import compile_model
@@ -119,6 +120,44 @@ def test_chunked_cross_entropy_matches_full_logits(chunk_rows):
     torch.testing.assert_close(fast_grads[1], weight.grad)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), slow)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
+@pytest.mark.parametrize("group_bytes", [1 << 28, 1])  # one group; a group per chunk
+def test_chunked_cross_entropy_under_bf16_autocast_matches_full_logits(
+        chunk_rows, group_bytes, monkeypatch):
+    """Under autocast the weight's gradient comes from kept 16-bit logit gradients, one
+    product per group of rows. It matches autocast's own full-logits cross-entropy, and
+    the fp32 reference within bf16's tolerance: bf16 keeps 8 significant bits (eps =
+    2**-8), a gradient goes through about three roundings (operands, logit gradients,
+    product), so 8 eps (3.1%) of its largest entry; the loss, summed in fp32 from bf16
+    logits, within 1 eps relative."""
+    monkeypatch.setattr(loss_module, "GRADIENT_GROUP_BYTES", group_bytes)
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[::4] = -100
+    results = []
+    for loss_of, autocast in (
+            (lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows), True),
+            (lambda: F.cross_entropy((hidden @ weight.T).float(), targets), True),
+            (lambda: F.cross_entropy(hidden @ weight.T, targets), False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of()
+        (loss * 3.0).backward()
+        results.append((loss, hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (fast, *fast_grads), (slow, *slow_grads), (exact, *exact_grads) = results
+    assert fast.dtype == torch.float32 and fast_grads[1].dtype == torch.float32
+    torch.testing.assert_close(fast, slow)
+    for ours, theirs in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-3 * theirs.abs().max())
+    eps = 2.0 ** -8
+    torch.testing.assert_close(fast, exact, rtol=eps, atol=0.0)
+    for ours, reference in zip(fast_grads, exact_grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0.0,
+                                   atol=8 * eps * reference.abs().max())
 
 
 def test_fused_adamw_matches_the_per_tensor_loop():

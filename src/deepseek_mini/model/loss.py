@@ -16,43 +16,103 @@ from collections.abc import Callable
 import torch
 
 CHUNK_ROWS = 256
+# Under autocast, the logit gradients of up to this many bytes of rows are kept (16-bit)
+# and turned into the weight's gradient by one product (see _grouped_gradients).
+GRADIENT_GROUP_BYTES = 1 << 28
+
+
+def _autocast_operands(hidden: torch.Tensor, weight: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """``hidden`` and ``weight`` in autocast's dtype when it is on, and whether it is: cast
+    once per call, where autocast would cast ``weight.T`` (a view, which its cast cache
+    skips) again for every chunk, a pass over the whole ``[vocab, hidden]`` weight each."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, False
+    dtype = torch.get_autocast_dtype(device)
+    return hidden.to(dtype), None if weight is None else weight.to(dtype), True
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor | None,
+           head: Callable[[torch.Tensor], torch.Tensor] | None, t: torch.Tensor,
+           keep: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed CE of one chunk's rows and, with ``want_grad``, d(ce)/d(logits) (fp32)."""
+    logits = (h @ weight.T if head is None else head(h)).float()
+    picked = logits.gather(1, t)
+    # log-sum-exp by hand, in the logits' own memory: four passes where
+    # torch.logsumexp and a second exp took seven, with temporaries.
+    peak = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(peak).exp_()
+    norm = exp.sum(dim=-1, keepdim=True)
+    loss = ((norm.log() + peak - picked) * keep).sum()
+    if not want_grad:
+        return loss, None
+    # d(ce)/d(logits) = softmax - one_hot on valid rows.
+    grad = exp.div_(norm)
+    return loss, grad.scatter_add_(1, t, torch.full_like(norm, -1.0)).mul_(keep)
 
 
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
              ignore_index: int, chunk_rows: int, want_grad: bool,
              head: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Summed CE over valid rows, their count and, with ``want_grad``, the unnormalised
-    fp32 gradients of ``hidden`` and ``weight``. A ``head`` module, if given, makes the
-    logits instead of ``weight`` (forward only)."""
+    gradients of ``hidden`` and ``weight`` (fp32, or autocast's dtype under autocast). A
+    ``head`` module, if given, makes the logits instead of ``weight`` (forward only)."""
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
+    hidden, weight, low_precision = _autocast_operands(hidden, weight)
+    if want_grad and low_precision:
+        total, grad_hidden, grad_weight = _grouped_gradients(hidden, weight, safe_targets,
+                                                             valid, chunk_rows)
+        return total, valid.sum(), grad_hidden, grad_weight
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_grad else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
-    low_precision = torch.is_autocast_enabled(hidden.device.type)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         h, t, keep = hidden[rows], safe_targets[rows, None], valid[rows, None]
-        logits = (h @ weight.T if head is None else head(h)).float()
-        picked = logits.gather(1, t)
-        # log-sum-exp by hand, in the logits' own memory: four passes where
-        # torch.logsumexp and a second exp took seven, with temporaries.
-        peak = logits.amax(dim=-1, keepdim=True)
-        exp = logits.sub_(peak).exp_()
-        norm = exp.sum(dim=-1, keepdim=True)
-        total += ((norm.log() + peak - picked) * keep).sum()
-        if not want_grad:
+        loss, grad = _chunk(h, weight, head, t, keep, want_grad)
+        total += loss
+        if grad is None:
             continue
-        # d(ce)/d(logits) = softmax - one_hot on valid rows.
-        grad = exp.div_(norm)
-        grad.scatter_add_(1, t, torch.full_like(norm, -1.0)).mul_(keep)
         grad = grad.to(weight.dtype)
         grad_hidden[rows] = grad @ weight
-        if low_precision:  # autocast lowers the product; the in-place GEMM would not
-            grad_weight += grad.T @ h
-        else:
-            grad_weight.addmm_(grad.T, h)
+        grad_weight.addmm_(grad.T, h)
     return total, valid.sum(), grad_hidden, grad_weight
+
+
+def _grouped_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       valid: torch.Tensor, chunk_rows: int):
+    """Under autocast (16-bit ``hidden`` and ``weight``): the summed CE and the 16-bit
+    gradients of ``hidden`` and ``weight`` (fp32 when the rows took several groups).
+
+    Summing the weight's gradient chunk by chunk, as the fp32 path does with ``addmm_``,
+    cannot stay in place here: a 16-bit product added to an fp32 sum is first converted
+    to a temporary, two more passes over a ``[vocab, hidden]`` tensor per chunk, on top of
+    zeroing the sum. So each chunk's logit gradients are kept, 16-bit, for a group of
+    rows (``GRADIENT_GROUP_BYTES``), and the group's two gradient products are one GEMM
+    each, with the group's rows as their inner dimension."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    per_row = vocab * weight.element_size()
+    group_rows = max(1, GRADIENT_GROUP_BYTES // per_row // chunk_rows) * chunk_rows
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grads = hidden.new_empty(min(rows, group_rows), vocab)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = None
+    for first in range(0, rows, group_rows):
+        group = slice(first, min(first + group_rows, rows))
+        for start in range(group.start, group.stop, chunk_rows):
+            chunk = slice(start, min(start + chunk_rows, group.stop))
+            loss, grad = _chunk(hidden[chunk], weight, None, targets[chunk, None],
+                                valid[chunk, None], True)
+            total += loss
+            grads[chunk.start - first:chunk.stop - first] = grad
+        kept = grads[:group.stop - first]
+        grad_hidden[group] = kept @ weight
+        product = kept.T @ hidden[group]
+        grad_weight = (product if grad_weight is None
+                       else grad_weight.float().add_(product))
+    return total, grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -71,8 +131,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, scale = ctx.saved_tensors
         factor = grad_out * scale
         hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden * factor).to(hidden_dtype), (grad_weight * factor).to(weight_dtype),
-                None, None, None)
+        return (_scaled(grad_hidden, factor, hidden_dtype),
+                _scaled(grad_weight, factor, weight_dtype), None, None, None)
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * factor`` in ``dtype``; a 16-bit ``grad`` (autocast's) is widened to fp32
+    first, in one pass, so the scaling does not round it a second time."""
+    if grad.dtype == torch.float32:
+        return (grad * factor).to(dtype)
+    return grad.float().mul_(factor).to(dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
