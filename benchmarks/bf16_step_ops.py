@@ -9,7 +9,7 @@ batch 8 x 128: vocabulary 49,152, hidden 576, 8 experts of 1536) run alone, one 
 memory kept as the trainer keeps it, in rounds of every operation in turn (drift stays
 out of the comparisons), each the median CPU time over the rounds after a warm-up: the
 casts, the zeroing, and the LM head's three bf16 products, the gradients' in other
-operand layouts and chunkings too.
+operand layouts and chunkings too, and the logits' product in fp32 for scale.
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ def main() -> None:
     experts = torch.randn(EXPERTS, EXPERT_HIDDEN, HIDDEN).transpose(1, 2)
     grads = torch.randn(ROWS, VOCAB).to(bf16)
     hidden = torch.randn(ROWS, HIDDEN).to(bf16)
+    hidden32 = hidden.float()
     ops = {
         "head fp32->bf16": lambda: head.to(bf16),
         "head bf16->fp32": lambda: head16.float(),
         "experts fp32->bf16 [8, 576, 1536] view": lambda: experts.to(bf16),
         "zeros [49152, 576] fp32": lambda: torch.zeros_like(head),
         "logits h @ W.T": lambda: hidden @ head16.T,
+        "logits h @ W.T fp32": lambda: hidden32 @ head.T,
         "grad hidden g @ W": lambda: grads @ head16,
         "grad hidden (W.T @ g.T).T": lambda: (head16.T @ grads.T).T,
         "grad hidden per 256-row chunk": lambda: [g @ head16 for g in grads.split(256)],
