@@ -5,8 +5,11 @@ many bytes the weights take. ``quantize(model, "int8")`` swaps every matrix the 
 reads for an int8 copy with one scale per output channel (``w ≈ q · s``, ``|q| <= 127``):
 each ``nn.Linear`` (attention projections, shared experts, dense MLPs, MTP projections),
 the stacked routed experts, and the embedding with the LM head (tied: one int8 table
-serves both, a row's scale being the head's output-channel scale). The router (a few
-thousand weights, whose top-k choice is discontinuous) and the norms stay as they are.
+serves both, a row's scale being the head's output-channel scale). A trimmed head
+(``model.head_vocab``, head.py) scores its N kept rows of that table and its "other"
+vector as one quantized [N + 1, h] layer, gathered once (the weights no longer change),
+through the head's own logits and cross-entropy. The router (a few thousand weights,
+whose top-k choice is discontinuous) and the norms stay as they are.
 
 Products use PyTorch's own weight-only kernel, ``torch._weight_int8pack_mm``, with bf16
 activations: on a CPU with native bf16 it streams int8 weights at up to 3-6x the rate of
@@ -37,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
+from .head import TrimmedHead
 from .moe import RoutedExperts, activate
 
 MODES = ("int8", "bf16")
@@ -208,6 +212,44 @@ class Bf16Experts(nn.Module):
         return RoutedExperts.gathered(self, x.to(COMPUTE), experts).to(x.dtype)
 
 
+class QuantizedTrimmedHead(nn.Module):
+    """A ``TrimmedHead`` whose scored rows are one quantized layer ``rows`` (``Int8Linear``
+    or ``Bf16Linear`` of [N (+ 1), h]): the kept ids' rows of the quantized head table and
+    the "other" vector. Its logits and CE are the trimmed head's own, on those rows."""
+
+    def __init__(self, head: TrimmedHead, rows: nn.Module) -> None:
+        super().__init__()
+        self.vocab_size = head.vocab_size
+        self.register_buffer("ids", head.ids)
+        self.register_buffer("classes", head.classes, persistent=False)
+        self.register_buffer("offsets", head.offsets, persistent=False)
+        self.rows = rows
+
+    def weight(self, full: None = None) -> nn.Module:
+        """What ``TrimmedHead.weight`` gives: the scored rows (here a module)."""
+        return self.rows
+
+    logits = TrimmedHead.logits
+    cross_entropy = TrimmedHead.cross_entropy
+
+
+def _trimmed_head(model: nn.Module, mode: str) -> QuantizedTrimmedHead:
+    """The trimmed head's rows from the already quantized LM head (so a tied table is
+    quantized once) and its "other" vector quantized on its own, as one layer."""
+    head, lm_head = model.head, model.lm_head
+    other = head.other.detach()[None] if head.other is not None else None
+    if mode == "int8":
+        parts = [(lm_head.q[head.ids], lm_head.scale[head.ids])]
+        if other is not None:
+            parts.append(quantize_rows(other))
+        rows = Int8Linear(torch.cat([q for q, _ in parts]).contiguous(),
+                          torch.cat([s for _, s in parts]))
+    else:
+        kept = lm_head.weight[head.ids]
+        rows = Bf16Linear(kept if other is None else torch.cat([kept, other.to(COMPUTE)]))
+    return QuantizedTrimmedHead(head, rows)
+
+
 def _linear(weight: torch.Tensor, mode: str) -> nn.Module:
     return Int8Linear.from_weight(weight) if mode == "int8" else Bf16Linear(weight)
 
@@ -239,10 +281,9 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     check_device(model.device, mode)
     if getattr(model, "quantization", None) is not None:
         raise UserError(f"the model is already quantized ({model.quantization})")
-    if getattr(model, "head", None) is not None:  # a trimmed head scores gathered rows
-        raise UserError("quantize covers the full LM head only, not a trimmed one "
-                        "(model.head_vocab)")
     _embedding_and_head(model, mode)
+    if model.head is not None:
+        model.head = _trimmed_head(model, mode)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
