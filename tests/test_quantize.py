@@ -90,6 +90,31 @@ def test_int8_experts_match_fp32_experts_and_gathered_equals_grouped(activation)
     assert relative_error(int8.gathered(x, chosen), experts.gathered(x, chosen)) < 0.03
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_one_token_path_equals_the_grouped_path_and_its_layer_counts_the_same(activation):
+    """A lone token's k chosen experts, unsorted (``one_token``), give the grouped path's
+    rows exactly (the same int8 products); an MoE layer taking it reports the router
+    statistics the grouped path does, counts included."""
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 64, 48, activation)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    int8 = Int8Experts(experts)
+    x, chosen = torch.randn(1, 64), torch.tensor([3, 1])
+    order = chosen.argsort(stable=True)
+    grouped = int8(x.expand(2, 64), torch.bincount(chosen, minlength=4))
+    torch.testing.assert_close(int8.one_token(x, chosen)[order], grouped, rtol=0, atol=0)
+    model = quantize(DeepSeekMini(small_config(expert_activation=activation).model), "int8")
+    moe, token = model.layers[0].moe, torch.randn(1, 1, model.config.hidden_size)
+    out, stats = moe(token)
+    moe.experts.one_token = None  # back to the grouped path
+    ref, ref_stats = moe(token)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(stats.expert_counts, ref_stats.expert_counts)
+    assert stats.balance_loss == ref_stats.balance_loss
+
+
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
 def test_quantize_replaces_every_matrix_but_the_router(mode):
     model = DeepSeekMini(small_config(**V3, mtp_depth=1).model)

@@ -95,6 +95,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
+        # A width the int8 kernel cannot take (one of the latent's small up-projections)
+        # multiplies in fp32 anyway: its dequantized weight is made once here, not cast
+        # from ``q`` at every call.
+        self.register_buffer("weight32", q.float() * scale.float()[:, None]
+                             if q.shape[-1] % KERNEL_WIDTH else None)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Int8Linear:
@@ -109,11 +114,15 @@ class Int8Linear(nn.Module):
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight32 is not None:
+            return F.linear(x.float(), self.weight32).to(x.dtype)
         return int8_linear(x, self.q, self.scale).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
         a plain linear (latent_rope's absorbed decoding), on a small matrix."""
+        if self.weight32 is not None:
+            return self.weight32.to(dtype)
         return self.q.to(dtype) * self.scale.to(dtype).unsqueeze(-1)
 
 
@@ -165,6 +174,14 @@ class Int8Experts(nn.Module):
             self.register_buffer(f"{name}_scale", scale)
 
     served_counts = RoutedExperts.served_counts  # one process's own tokens
+
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """One token ``x`` [1, in] through each of its chosen ``experts`` [k]: [k, out],
+        k int8 products with no sort, count or split over all experts (a batch-1 decode
+        step's MoE; reading the k ids is its one host sync, as the counts are the
+        grouped path's)."""
+        rows = x.to(COMPUTE)
+        return torch.cat([self._expert(rows, e) for e in experts.tolist()]).to(x.dtype)
 
     def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         gate = (int8_linear(rows, self.w_gate_q[e], self.w_gate_scale[e])
