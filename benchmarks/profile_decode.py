@@ -45,6 +45,8 @@ def label_modules(model: torch.nn.Module) -> None:
                                                 or last.endswith("_norm"))), None)
         if part is not None and ".attn." not in name:
             module.forward = labelled(module.forward, part)
+            if getattr(module, "one_token", None) is not None:  # int8 experts, batch 1
+                module.one_token = labelled(module.one_token, part)
 
 
 def main() -> None:
