@@ -5,12 +5,15 @@ many tokens each row keeps before its first difference.
 
 The scored text is ``--docs`` documents of ``--data`` starting at ``--skip`` (the last
 ones of the file by default, never seen by the warm start); the prompts are the opening
-``--prompt-words`` words of the ``--prompts`` documents before them. All three modes
-score the same windows (``evaluation.evaluate``) in one process.
+``--prompt-words`` words of the ``--prompts`` documents before them (of the first scored
+ones when a whole held-out file is scored, ``--skip 0``). All three modes score the same
+windows (``evaluation.evaluate``) in one process.
 
     deepseek-mini warm-start --config configs/smollm2-moe.yaml --out smollm2-moe.pt
     python benchmarks/quantized_quality.py --checkpoint smollm2-moe.pt \\
         --data ../shared/data/tinystories/train.txt --docs 300
+    python benchmarks/quantized_quality.py --checkpoint run/best.pt --data heldout.txt \\
+        --skip 0 --docs 100000
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ def main() -> None:
     docs = read_documents(args.data)
     skip = len(docs) - args.docs if args.skip is None else args.skip
     scored = docs[skip:skip + args.docs]
-    prompts = [" ".join(d.split()[:args.prompt_words])
-               for d in docs[skip - args.prompts:skip]]
+    # a held-out file scored whole has no documents before it: prompt from its first ones
+    openings = docs[skip - args.prompts:skip] if skip >= args.prompts else scored
+    prompts = [" ".join(d.split()[:args.prompt_words]) for d in openings[:args.prompts]]
     rows = {}
     reference = None
     for mode in ("fp32", "bf16", "int8"):

@@ -87,8 +87,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = checkpoint(args.config, Path(folder), args.set)
         rows = {mode: serve_and_load(path, args, mode) for mode in args.quantize}
-    print(f"{args.config}: {args.requests} requests x {args.max_tokens} tokens, "
-          f"threads {args.threads}")
+    print(f"{args.config} {' '.join(args.set)}: {args.requests} requests x "
+          f"{args.max_tokens} tokens, threads {args.threads}")
     print("| weights | clients | req/s | tok/s | vs one at a time | vs first weights |")
     print("|---|---|---|---|---|---|")
     first = rows[args.quantize[0]]

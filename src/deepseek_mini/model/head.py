@@ -20,12 +20,17 @@ class: the head is the full one, its rows in id order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import linear_cross_entropy
+from .loss import head_cross_entropy, linear_cross_entropy
+
+# The scored rows [N (+ 1), h], or a module that scores them (a quantized head, forward
+# only: quantize.py).
+Rows = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 class TrimmedHead(nn.Module):
@@ -72,18 +77,21 @@ class TrimmedHead(nn.Module):
         rows = full.index_select(0, self.ids)
         return rows if self.other is None else torch.cat([rows, self.other[None]])
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: Rows) -> torch.Tensor:
         """Full-vocabulary logits [..., V] from the N (+ 1) class scores: a kept id's own,
         every other id at logit_other − log(V − N); their log-softmax is the head's."""
-        scores = F.linear(hidden, weight)
+        scores = F.linear(hidden, weight) if isinstance(weight, torch.Tensor) else weight(hidden)
         return scores.index_select(-1, self.classes) - self.offsets.to(scores.dtype)
 
-    def cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    def cross_entropy(self, hidden: torch.Tensor, weight: Rows, targets: torch.Tensor,
                       ignore_index: int = -100) -> torch.Tensor:
         """The mean full-vocabulary CE of ``hidden`` [n, h] on ``targets`` [n]: the chunked
         loss over the classes, plus log(V − N) per "other" target (a constant)."""
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)
         classes = torch.where(valid, self.classes[safe], ignore_index)
-        ce = linear_cross_entropy(hidden, weight, classes, ignore_index)
+        if isinstance(weight, torch.Tensor):
+            ce = linear_cross_entropy(hidden, weight, classes, ignore_index)
+        else:
+            ce = head_cross_entropy(hidden, weight, classes, ignore_index)
         return ce + (self.offsets[safe] * valid).sum() / valid.sum()

@@ -163,6 +163,8 @@ class MoE(nn.Module):
             out = out + self.shared(tokens)
         stats = None
         if with_stats:
+            if counts is None:  # the one-token path counts nothing
+                counts = torch.bincount(routing.chosen.reshape(-1), minlength=self.num_experts)
             balance, z = self.router.losses(routing, self.experts.served_counts(counts),
                                             shape)
             probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
@@ -171,13 +173,18 @@ class MoE(nn.Module):
         return out.reshape(shape).to(x.dtype), stats
 
     def _expert_outputs(self, tokens: torch.Tensor,
-                        chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each (token, slot)'s expert output [N, k, hidden] and the tokens per expert.
 
         Sorted by expert, each expert runs one product over its tokens. Under
         torch.compile a few slots (a decode step) gather their experts' weights instead:
-        no data-dependent shapes, so the step stays one graph."""
+        no data-dependent shapes, so the step stays one graph. Experts with a
+        ``one_token`` path (quantized ones) take a lone eager token through it, unsorted
+        and uncounted (counts None)."""
         flat_expert = chosen.reshape(-1)
+        one_token = getattr(self.experts, "one_token", None)  # quantized experts have it
+        if one_token is not None and tokens.shape[0] == 1 and not torch.compiler.is_compiling():
+            return one_token(tokens, flat_expert)[None], None
         if torch.compiler.is_compiling() and flat_expert.numel() <= GATHER_MAX_SLOTS:
             slots = tokens.repeat_interleave(self.top_k, dim=0)
             counts = F.one_hot(flat_expert, self.num_experts).sum(0)

@@ -5,8 +5,11 @@ many bytes the weights take. ``quantize(model, "int8")`` swaps every matrix the 
 reads for an int8 copy with one scale per output channel (``w ≈ q · s``, ``|q| <= 127``):
 each ``nn.Linear`` (attention projections, shared experts, dense MLPs, MTP projections),
 the stacked routed experts, and the embedding with the LM head (tied: one int8 table
-serves both, a row's scale being the head's output-channel scale). The router (a few
-thousand weights, whose top-k choice is discontinuous) and the norms stay as they are.
+serves both, a row's scale being the head's output-channel scale). A trimmed head
+(``model.head_vocab``, head.py) scores its N kept rows of that table and its "other"
+vector as one quantized [N + 1, h] layer, gathered once (the weights no longer change),
+through the head's own logits and cross-entropy. The router (a few thousand weights,
+whose top-k choice is discontinuous) and the norms stay as they are.
 
 Products use PyTorch's own weight-only kernel, ``torch._weight_int8pack_mm``, with bf16
 activations: on a CPU with native bf16 it streams int8 weights at up to 3-6x the rate of
@@ -37,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
+from .head import TrimmedHead
 from .moe import RoutedExperts, activate
 
 MODES = ("int8", "bf16")
@@ -91,6 +95,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
+        # A width the int8 kernel cannot take (one of the latent's small up-projections)
+        # multiplies in fp32 anyway: its dequantized weight is made once here, not cast
+        # from ``q`` at every call.
+        self.register_buffer("weight32", q.float() * scale.float()[:, None]
+                             if q.shape[-1] % KERNEL_WIDTH else None)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> Int8Linear:
@@ -105,11 +114,15 @@ class Int8Linear(nn.Module):
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight32 is not None:
+            return F.linear(x.float(), self.weight32).to(x.dtype)
         return int8_linear(x, self.q, self.scale).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
         a plain linear (latent_rope's absorbed decoding), on a small matrix."""
+        if self.weight32 is not None:
+            return self.weight32.to(dtype)
         return self.q.to(dtype) * self.scale.to(dtype).unsqueeze(-1)
 
 
@@ -162,6 +175,14 @@ class Int8Experts(nn.Module):
 
     served_counts = RoutedExperts.served_counts  # one process's own tokens
 
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """One token ``x`` [1, in] through each of its chosen ``experts`` [k]: [k, out],
+        k int8 products with no sort, count or split over all experts (a batch-1 decode
+        step's MoE; reading the k ids is its one host sync, as the counts are the
+        grouped path's)."""
+        rows = x.to(COMPUTE)
+        return torch.cat([self._expert(rows, e) for e in experts.tolist()]).to(x.dtype)
+
     def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
         gate = (int8_linear(rows, self.w_gate_q[e], self.w_gate_scale[e])
                 if self.has_gate else None)
@@ -208,6 +229,44 @@ class Bf16Experts(nn.Module):
         return RoutedExperts.gathered(self, x.to(COMPUTE), experts).to(x.dtype)
 
 
+class QuantizedTrimmedHead(nn.Module):
+    """A ``TrimmedHead`` whose scored rows are one quantized layer ``rows`` (``Int8Linear``
+    or ``Bf16Linear`` of [N (+ 1), h]): the kept ids' rows of the quantized head table and
+    the "other" vector. Its logits and CE are the trimmed head's own, on those rows."""
+
+    def __init__(self, head: TrimmedHead, rows: nn.Module) -> None:
+        super().__init__()
+        self.vocab_size = head.vocab_size
+        self.register_buffer("ids", head.ids)
+        self.register_buffer("classes", head.classes, persistent=False)
+        self.register_buffer("offsets", head.offsets, persistent=False)
+        self.rows = rows
+
+    def weight(self, full: None = None) -> nn.Module:
+        """What ``TrimmedHead.weight`` gives: the scored rows (here a module)."""
+        return self.rows
+
+    logits = TrimmedHead.logits
+    cross_entropy = TrimmedHead.cross_entropy
+
+
+def _trimmed_head(model: nn.Module, mode: str) -> QuantizedTrimmedHead:
+    """The trimmed head's rows from the already quantized LM head (so a tied table is
+    quantized once) and its "other" vector quantized on its own, as one layer."""
+    head, lm_head = model.head, model.lm_head
+    other = head.other.detach()[None] if head.other is not None else None
+    if mode == "int8":
+        parts = [(lm_head.q[head.ids], lm_head.scale[head.ids])]
+        if other is not None:
+            parts.append(quantize_rows(other))
+        rows = Int8Linear(torch.cat([q for q, _ in parts]).contiguous(),
+                          torch.cat([s for _, s in parts]))
+    else:
+        kept = lm_head.weight[head.ids]
+        rows = Bf16Linear(kept if other is None else torch.cat([kept, other.to(COMPUTE)]))
+    return QuantizedTrimmedHead(head, rows)
+
+
 def _linear(weight: torch.Tensor, mode: str) -> nn.Module:
     return Int8Linear.from_weight(weight) if mode == "int8" else Bf16Linear(weight)
 
@@ -239,10 +298,9 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     check_device(model.device, mode)
     if getattr(model, "quantization", None) is not None:
         raise UserError(f"the model is already quantized ({model.quantization})")
-    if getattr(model, "head", None) is not None:  # a trimmed head scores gathered rows
-        raise UserError("quantize covers the full LM head only, not a trimmed one "
-                        "(model.head_vocab)")
     _embedding_and_head(model, mode)
+    if model.head is not None:
+        model.head = _trimmed_head(model, mode)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..memory import check_fits
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
-from .head import TrimmedHead
+from .head import Rows, TrimmedHead
 from .latent_rope_attention import LatentRopeAttention
 from .loss import head_cross_entropy, linear_cross_entropy
 from .mask import padded_causal_mask
@@ -241,15 +241,16 @@ class DeepSeekMini(nn.Module):
         return (torch.stack([s.expert_counts for s in stats]),
                 torch.stack([s.router_entropy for s in stats]))
 
-    def _head_weight(self) -> torch.Tensor | None:
-        """The rows the head scores: the full head's [V, h], or the trimmed head's; None
-        for a quantized full head (quantize.py), which scores through its own module."""
-        if self.head is None and not isinstance(self.lm_head, nn.Linear):
-            return None
-        full = self.lm_head.weight
-        return full if self.head is None else self.head.weight(full)
+    def _head_weight(self) -> Rows | None:
+        """The rows the head scores: the full head's [V, h], or the trimmed head's. A
+        quantized model (quantize.py) has no float weight: None for a full head, which
+        scores through its own module, and a trimmed head's quantized rows (a module)."""
+        quantized = not isinstance(self.lm_head, nn.Linear)
+        if self.head is None:
+            return None if quantized else self.lm_head.weight
+        return self.head.weight(None if quantized else self.lm_head.weight)
 
-    def _head_ce(self, hidden: torch.Tensor, weight: torch.Tensor | None,
+    def _head_ce(self, hidden: torch.Tensor, weight: Rows | None,
                  targets: torch.Tensor) -> torch.Tensor:
         """Mean CE over the full vocabulary of ``hidden`` [n, h] against ``targets`` [n]
         (a quantized head: forward only, chunked through the head module)."""
@@ -266,12 +267,12 @@ class DeepSeekMini(nn.Module):
             return self.lm_head(hidden)
         return self.head.logits(hidden, self._generation_rows(cache))
 
-    def _generation_rows(self, cache: LatentCache | None) -> torch.Tensor:
+    def _generation_rows(self, cache: LatentCache | None) -> Rows:
         """The trimmed head's rows; a generation (a cache, no gradient) gathers them once,
         in the autocast dtype, and reuses them at every step: the weights do not change
         within it, and a gather per token moves the kept rows twice more than the matmul
-        reads them."""
-        if cache is None or torch.is_grad_enabled():
+        reads them. A quantized head's rows were gathered when it was quantized."""
+        if cache is None or torch.is_grad_enabled() or not isinstance(self.lm_head, nn.Linear):
             return self._head_weight()
         if cache.head_rows is None:
             rows, device = self._head_weight(), self.device.type
@@ -282,7 +283,7 @@ class DeepSeekMini(nn.Module):
 
     def _mtp_loss(self, trunk: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
                   positions: torch.Tensor, attention_mask: torch.Tensor | None,
-                  weight: torch.Tensor):
+                  weight: Rows | None):
         """Mean CE over MTP depths, and their MoE layers' router statistics. Depth k at
         position i joins depth k-1's state with the embedding of token i + k (input k
         places on) and is scored on target i + k; each depth is one position shorter."""
