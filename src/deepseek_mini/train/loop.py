@@ -2,7 +2,7 @@
 
 One optimizer step takes the global batch of ``train.batch_size`` sequences from the
 seeded sampler, splits it into micro batches for gradient accumulation, clips the
-gradient norm and steps AdamW on the warm-up + cosine schedule. Losses and statistics
+gradient norm and steps the optimizer (train.optimizer) on its schedule. Losses and statistics
 stay on the device between log lines, so the host waits on the device only when it
 prints. Everything a run depends on (weights, optimizer, schedule, scaler, sampler
 position, random generators, log window, counters) is in ``latest.pt``, so ``--resume``

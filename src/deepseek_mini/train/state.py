@@ -36,6 +36,7 @@ from ..interop.warm_start import warm_start_model
 from ..model.transformer import DeepSeekMini
 from .distributed import Parallel, Ranks
 from .log_window import LogWindow
+from .optim import base_lrs
 from .precision import Precision
 
 
@@ -48,7 +49,7 @@ class Run:
     precision: Precision
     model: DeepSeekMini
     train_model: nn.Module
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: Any
     window: LogWindow
@@ -107,16 +108,16 @@ class Run:
         self.watch.load_state_dict(ckpt["collapse_watch"])
 
     def _follow_config_lr(self) -> None:
-        """The loaded schedule takes the config's ``lr``: LambdaLR restores the base
-        rates it saved, which would ignore an ``lr`` changed on resume. The same product
-        LambdaLR computes, so an unchanged config resumes bit for bit."""
-        lr = self.cfg.train.lr
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        """The loaded schedule takes the config's ``lr`` (and ``muon_lr``): LambdaLR
+        restores the base rates it saved, which would ignore a rate changed on resume.
+        The same product LambdaLR computes, so an unchanged config resumes bit for bit."""
+        self.scheduler.base_lrs = base_lrs(self.optimizer, self.cfg.train)
         rates = [base * fn(self.scheduler.last_epoch)
                  for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas,
                                      strict=True)]
-        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
-            group["initial_lr"], group["lr"] = lr, rate
+        for group, base, rate in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                     rates, strict=True):
+            group["initial_lr"], group["lr"] = base, rate
         self.scheduler._last_lr = rates
 
 
