@@ -240,7 +240,7 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[
                  + (f"; changed settings: {'; '.join(changes)}" if changes else
                     "; settings as saved"))
         if cfg.train.schedule_steps != cfg.train.max_steps:
-            log.info(f"learning rate: the cosine reaches min_lr at step "
+            log.info(f"learning rate: the {cfg.train.schedule} schedule reaches min_lr at step "
                      f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
                      f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
     if run.precision.device.type == "cpu":
