@@ -28,7 +28,8 @@ import torch
 from ..allocator import keep_freed_memory
 from ..config import Config
 from ..data.instruct import sample_prompt
-from ..data.tokens import BatchSampler, prepare_data, val_batches
+from ..data.tokens import prepare_data, val_batches
+from ..data.windows import make_sampler
 from ..errors import UserError
 from ..evaluation import deepseek_forward, score
 from ..expert_usage import CollapseWatch, ExpertUsage
@@ -120,7 +121,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     optimizer = build_optimizer(model, cfg.train)
     run = Run(cfg, parallel, precision, model, train_model, optimizer,
               build_scheduler(optimizer, cfg.train),
-              BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed),
+              make_sampler(data.train, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                           data.tokenizer.eos_id),
               LogWindow.zeros(precision.device), CollapseWatch())
     if ckpt is not None:
         run.load_state_dict(ckpt)
