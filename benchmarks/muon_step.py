@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from deepseek_mini.allocator import keep_freed_memory
 from deepseek_mini.config import Config
 from deepseek_mini.model.transformer import DeepSeekMini
 from deepseek_mini.train.optim import build_optimizer
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as training does
     base = Config.from_yaml(args.config, ["train.device=cpu", *args.set])
     precision = setup_precision(base.train)
     torch.manual_seed(0)

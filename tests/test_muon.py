@@ -113,7 +113,10 @@ def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without
                 assert storage(view.grad) == storage(w.grad)  # a view, not a copy
                 assert view.data_ptr() == w[e].data_ptr()
                 ps[e].grad = w.grad[e].T.contiguous()
+        if seed:  # the trainer's path: a finite step's flag (and none on the first)
+            optimizer.found_inf = torch.zeros(())
         optimizer.step()
+        optimizer.__dict__.pop("found_inf", None)
         reference.step()
         for w, ps in zip(stacked, refs, strict=True):
             for e in range(w.shape[0]):
@@ -196,3 +199,14 @@ def test_resume_refuses_to_change_the_optimizer(data_overrides, tmp_path):
 def test_muon_with_fsdp_is_one_config_error():
     with pytest.raises(UserError, match="muon is not supported with train.parallel=fsdp"):
         small("train.parallel=fsdp")
+
+
+def test_training_only_the_mtp_modules_with_muon_leaves_the_main_model_alone(data_overrides,
+                                                                              tmp_path):
+    train(run_config(data_overrides, tmp_path, "model.mtp_depth=1", "train.trainable=mtp",
+                     "train.max_steps=2"))
+    model = load_checkpoint(tmp_path / "latest.pt")["model"]
+    torch.manual_seed(run_config(data_overrides, tmp_path).train.seed)
+    initial = DeepSeekMini(run_config(data_overrides, tmp_path, "model.mtp_depth=1").model)
+    for name, tensor in initial.state_dict().items():
+        assert torch.equal(model[name], tensor) != name.startswith("mtp."), name

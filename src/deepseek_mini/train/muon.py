@@ -16,9 +16,8 @@ To the rest of the code the pair is one ``torch.optim.Optimizer``: ``param_group
 over and the LR schedule scales; ``state_dict`` holds both states. A step skipped for a
 non-finite loss or gradient (``found_inf``, set by the trainer or the GradScaler) is
 skipped by both without a host sync: the fused AdamW kernel reads the flag itself, and
-Muon's update is made a no-op by device-side selects (its gradient replaced by its
-momentum, which the momentum update then leaves as it was, and its weights restored
-from a copy).
+Muon's update is made a no-op on the device (its gradient replaced by its momentum,
+which the momentum update then leaves as it was, and its weights restored from a copy).
 """
 
 from __future__ import annotations
@@ -121,16 +120,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
             self._muon_step_unless(found_inf != 0)
 
     def _muon_step_unless(self, skip: torch.Tensor) -> None:
-        """Muon's step, or (``skip`` true, on the device) no change at all."""
+        """Muon's step, or (``skip`` true, on the device) no change at all. Skipped, the
+        gradient is replaced by the momentum (whose update ``lerp(buf, buf)`` is then
+        exactly ``buf``) and the weights, moved by a finite update, are put back by a
+        ``lerp`` of weight 1 (exact)."""
         params = [p for g in self.muon.param_groups for p in g["params"] if p.grad is not None]
         for p in params:
-            buf = self.muon.state[p]["momentum_buffer"]
-            p.grad.copy_(torch.where(skip, buf, p.grad))  # lerp(buf, buf) is buf, exactly
+            torch.where(skip, self.muon.state[p]["momentum_buffer"], p.grad, out=p.grad)
         owners = [t for t in self._owners if t.grad is not None]
-        kept = [t.clone() for t in owners]
+        kept = torch._foreach_mul(owners, 1.0)
         self.muon.step()
-        for t, old in zip(owners, kept, strict=True):
-            t.copy_(torch.where(skip, old, t))
+        torch._foreach_lerp_(owners, kept, skip.float())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none)
