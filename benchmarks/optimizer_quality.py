@@ -71,10 +71,10 @@ def main() -> None:
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results_path = Path(args.out) / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else []
     for spec in args.variant:
         label, _, sets = spec.partition("=")
         result = run_variant(args, label, [s for s in sets.split(",") if s])
+        results = json.loads(results_path.read_text()) if results_path.exists() else []
         results = [r for r in results if r["label"] != label] + [result]
         results_path.write_text(json.dumps(results, indent=2))
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
