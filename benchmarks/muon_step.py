@@ -7,8 +7,9 @@ Two copies of the same model (the config's: by default the CPU-hour recipe, hidd
 6 layers, 8 experts of 512, batch 16 x 128) train on the same random batches, one with
 ``train.optimizer: adamw``, one with ``muon``, their steps alternating so load changes
 hit both alike. Reported (medians, seconds): the whole training step (``train_step``:
-forward, backward, clipping, update), and the update alone (``optimizer.step`` with the
-trainer's ``found_inf`` flag, on the gradients of a fresh backward), and for Muon the
+forward, backward, clipping, update; wall and CPU seconds), and the update alone
+(``optimizer.step`` with the trainer's ``found_inf`` flag, on the gradients of a fresh
+backward), and for Muon the
 share of the update spent making a non-finite step skippable without a host sync
 (the same update without the flag).
 """
@@ -47,6 +48,18 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+class Clock:
+    """Wall and CPU seconds (this process's user + system) of what runs inside it."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
 def update_time(model, optimizer, batch, cfg, precision, flag: bool) -> float:
     """``optimizer.step`` alone, on a fresh backward's gradients (the weights move: the
     next call sees a slightly different model, which is what training does)."""
@@ -79,26 +92,24 @@ def main() -> None:
         twin = copy.deepcopy(model)
         runs[name] = (cfg, twin, build_optimizer(twin, cfg.train))
     rows = base.train.batch_size
-    times: dict[str, list[float]] = {k: [] for k in
-                                     ("adamw step", "muon step", "adamw update", "muon update",
-                                      "muon update, no skip flag")}
+    times: dict[str, list[float]] = {}
     gen = torch.Generator().manual_seed(1)
     for rep in range(args.reps + 1):  # the first round warms up and is dropped
         batch = torch.randint(0, base.model.vocab_size, (rows, base.data.seq_len + 1),
                               generator=gen)
         sample = {}
         for name, (cfg, twin, opt) in runs.items():
-            start = time.perf_counter()
-            train_step(twin, opt, batch, cfg.train.micro_batch_size, cfg.train.grad_clip,
-                       precision)
-            sample[f"{name} step"] = time.perf_counter() - start
+            with Clock() as clock:
+                train_step(twin, opt, batch, cfg.train.micro_batch_size, cfg.train.grad_clip,
+                           precision)
+            sample[f"{name} step"], sample[f"{name} step, CPU s"] = clock.wall, clock.cpu
             sample[f"{name} update"] = update_time(twin, opt, batch, cfg, precision, True)
         cfg, twin, opt = runs["muon"]
         sample["muon update, no skip flag"] = update_time(twin, opt, batch, cfg, precision,
                                                           False)
         if rep:
             for key, value in sample.items():
-                times[key].append(value)
+                times.setdefault(key, []).append(value)
     median = {k: round(statistics.median(v), 4) for k, v in times.items()}
     print(json.dumps({
         "cpu": cpu(), "threads": args.threads, "precision": precision.name,
@@ -108,6 +119,8 @@ def main() -> None:
         "batch": f"{rows} x {base.data.seq_len}",
         "median_s": median,
         "muon_step_over_adamw": round(median["muon step"] / median["adamw step"], 3),
+        "muon_step_over_adamw_cpu": round(median["muon step, CPU s"]
+                                          / median["adamw step, CPU s"], 3),
         "skip_flag_share_of_muon_update": round(
             1 - median["muon update, no skip flag"] / median["muon update"], 3),
     }, indent=2))
