@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -135,20 +136,65 @@ def curve(metrics: Path) -> list[dict]:
             for r in rows if "val_ce" in r]
 
 
-def run(args: argparse.Namespace) -> None:
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def train_argv(args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
     data = Path(args.data).resolve()
     overrides = ["data.source=files", f"data.files=[{data}]",
                  f"data.cache_dir={out / 'cache'}", f"train.out_dir={out / 'run'}",
-                 *args.set]
+                 *args.set, *extra]
     if args.threads is not None:
         overrides.append(f"train.threads={args.threads}")
     argv = [sys.executable, "-m", "deepseek_mini", "train", "--config", args.config]
     for item in overrides:
         argv += ["--set", item]
+    return argv
+
+
+def calibrate(args: argparse.Namespace, out: Path, steps: int = 14) -> dict:
+    """CPU-seconds of start-up (imports, tokenising, the peak measurement) and of one
+    step, from a short run of the same recipe in a scratch folder: what ``--budget``
+    turns into ``train.max_steps``. Validation passes are charged per step at the
+    recipe's interval from one timed pass."""
+    scratch = out / "calibration"
+    extra = [f"train.max_steps={steps}", "train.log_interval=1", f"train.eval_interval={steps}",
+             "train.save_interval=100000", "train.sample_interval=100000"]
+    done = timed_child(train_argv(args, scratch, extra), child_env(args.threads),
+                       out / "calibration.out")
+    if done["returncode"] != 0:
+        raise SystemExit(f"calibration failed: see {out / 'calibration.out'}")
+    rows = [json.loads(line) for line in
+            (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
+    cpu = {r["step"]: r["cpu_s"] for r in rows if "loss" in r}
+    val = [r["cpu_s"] for r in rows if "val_ce" in r][0]
+    per_step = (cpu[steps] - cpu[4]) / (steps - 4)
+    startup = cpu[1] - per_step
+    shutil.rmtree(scratch)
+    return {"startup_cpu_s": round(startup, 2), "step_cpu_s": round(per_step, 3),
+            "eval_cpu_s": round(val - cpu[steps], 2)}
+
+
+def steps_for_budget(budget: float, cost: dict, eval_interval: int) -> int:
+    per_step = cost["step_cpu_s"] + cost["eval_cpu_s"] / eval_interval
+    return max(1, int((budget - cost["startup_cpu_s"]) / per_step))
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    extra, cost = [], None
+    if args.calibrate:
+        if args.budget is None:
+            raise SystemExit("--calibrate needs --budget")
+        sys.path.insert(0, str(ROOT / "src"))
+        from deepseek_mini import Config
+
+        cfg = Config.from_yaml(args.config, args.set)
+        cost = calibrate(args, out)
+        cost["max_steps"] = steps_for_budget(args.budget, cost, cfg.train.eval_interval)
+        extra.append(f"train.max_steps={cost['max_steps']}")
+        print(json.dumps({"calibration": cost}), flush=True)
     with LoadSampler() as load:
-        trained = timed_child(argv, child_env(args.threads), out / "train.out")
+        trained = timed_child(train_argv(args, out, extra), child_env(args.threads),
+                              out / "train.out")
     if trained["returncode"] != 0:
         raise SystemExit(f"training failed ({trained['returncode']}): see {out / 'train.out'}")
     heldout = out / "heldout.txt"
@@ -166,6 +212,8 @@ def run(args: argparse.Namespace) -> None:
         "best": score(run_dir / "best.pt", heldout, args.eval_seq_len, args.threads),
         "curve": curve(run_dir / "metrics.jsonl"),
     }
+    if cost is not None:
+        result["calibration"] = cost
     if args.budget is not None:
         result["budget_cpu_s"] = args.budget
         result["within_budget"] = trained["cpu_s"] <= args.budget
@@ -249,6 +297,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--threads", type=int, help="torch threads of the run (default: its own)")
     p.add_argument("--budget", type=float, help="CPU-seconds the run should fit in")
+    p.add_argument("--calibrate", action="store_true",
+                   help="set train.max_steps so that the run fits --budget, from a short "
+                        "timed run of the same recipe")
     p.add_argument("--eval-seq-len", type=int, default=128)
     p.set_defaults(func=run)
     p = sub.add_parser("reference", help="SmolLM2's CE on the same held-out documents")

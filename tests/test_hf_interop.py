@@ -142,3 +142,86 @@ def test_export_refuses_a_folder_with_files(tmp_path, tokenizer_overrides, capsy
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "hf")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("model", [V3, SEED], ids=["native", "remote-code"])
+def test_the_export_reproduces_the_prompt_convention(tmp_path, tokenizer_overrides, model):
+    """Issue 26: every prompt follows <|endoftext|> (inference/prompts.py), but the export
+    said add_bos_token false, so transformers' generate on tokenizer(prompt) wrote other
+    text than ours. The exported tokenizer now adds it, pads on the left with it, and
+    generate on its output is ours token for token, text included."""
+    import tokenizers
+
+    from deepseek_mini.data.tokenizer import load_tokenizer
+    from deepseek_mini.inference.prompts import completion_text, encode_prompts
+
+    path, net = checkpoint(tmp_path, tokenizer_overrides, model)
+    out = tmp_path / "hf"
+    export(path, out)
+    remote = model is SEED
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
+    ours = load_tokenizer(tokenizer_overrides[0].split("=", 1)[1])
+    prompts = ["Once upon a time", "The dog ran to the park and"]
+    ids, mask, _ = encode_prompts(ours, prompts, 64, 12)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    assert torch.equal(enc.input_ids, ids) and torch.equal(enc.attention_mask, mask)
+    # what the server's usage counts as prompt_tokens: the prompt as the model reads it
+    assert len(tok(prompts[0]).input_ids) == 1 + len(ours.encode(prompts[0]))
+    assert tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(
+        prompts[0]).ids == [ours.eos_id, *ours.encode(prompts[0])]  # the file alone too
+    want = generate(net, ids, 12, eos_id=ours.eos_id, attention_mask=mask)
+    got = hf.generate(**enc, max_new_tokens=12)  # generation_config.json's defaults: greedy
+    assert torch.equal(got, want)
+    texts = tok.batch_decode(got[:, ids.shape[1]:], skip_special_tokens=True)
+    assert texts == [completion_text(ours, row) for row in want[:, ids.shape[1]:].tolist()]
+    assert hf.generation_config.bos_token_id == ours.eos_id == hf.config.bos_token_id
+
+
+def test_the_remote_code_exports_tokenizer_needs_no_code(tmp_path, tokenizer_overrides,
+                                                         capsys):
+    """Issue 26: the tokenizer of a remote-code export is transformers' own fast tokenizer
+    (no auto_map): with trust_remote_code=False it loads without running or asking about
+    the model's code, and AutoModelForCausalLM still refuses to run that code unasked."""
+    import sys
+
+    path, _ = checkpoint(tmp_path, tokenizer_overrides, SEED)
+    out = tmp_path / "hf"
+    export(path, out)
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    before = set(sys.modules)
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    assert tok("a").input_ids[0] == tok.bos_token_id == tok.eos_token_id
+    assert not any("modeling_deepseek_mini" in m for m in set(sys.modules) - before)
+    assert "custom code" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_export_follows_the_umask(tmp_path, tokenizer_overrides, umask):
+    """Issue 26: the folder was drwx------ and model.safetensors -rw-------."""
+    import os
+    import stat
+
+    path, _ = checkpoint(tmp_path, tokenizer_overrides, SEED)
+    old = os.umask(umask)
+    try:
+        export(path, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "hf").stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}
+
+
+def test_export_refuses_non_finite_weights_as_generate_does(tmp_path, tokenizer_overrides,
+                                                            capsys):
+    """Issue 26: export wrote NaN weights that generate, eval and serve refuse."""
+    path, net = checkpoint(tmp_path, tokenizer_overrides, SEED)
+    state = net.state_dict()
+    state["layers.0.attn.q_proj.weight"][0, 0] = float("nan")
+    atomic_save(weights_checkpoint(state, torch.load(path, weights_only=True)["config"]), path)
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "hf")]) == 2
+    assert "holds non-finite weights (inf or NaN)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))

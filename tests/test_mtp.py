@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from tiny_run import TINY_YAML, small_config, tiny_overrides
+from tiny_run import TIMING_KEYS, TINY_YAML, small_config, tiny_overrides
 from torch.nn import functional as F
 
 from deepseek_mini import Config, DeepSeekMini
@@ -225,7 +225,7 @@ def test_training_with_mtp_logs_it_and_resumes_exactly(data_overrides, tmp_path)
     train(run_config(data_overrides, tmp_path / "straight", *steps))
     train(run_config(data_overrides, tmp_path / "sliced", *steps), stop_after=5)
     train(run_config(data_overrides, tmp_path / "sliced", *steps), resume=True)
-    timing = {"elapsed_s", "tokens_per_s", "mfu", "cpu_s"}
+    timing = TIMING_KEYS
     straight, sliced = ([{k: v for k, v in r.items() if k not in timing} for r in rows_of(d)]
                         for d in (tmp_path / "straight", tmp_path / "sliced"))
     assert straight == sliced
@@ -268,3 +268,17 @@ def test_generate_command_speculates_and_reports_its_stats(data_overrides, tmp_p
     assert main([*base, "--speculative", "--no-cache"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --speculative verifies drafts over the "
                                                "eager cache: drop --no-cache")
+
+
+def test_a_fresh_mtp_sigmoid_router_starts_with_zero_biases():
+    """The MTP modules are built on the meta device and moved with ``to_empty``, which
+    leaves buffers as whatever memory held: the expert biases must be set, not inherited
+    (they were, up to 1e30, routing the module's tokens at random)."""
+    for _ in range(3):
+        junk = torch.full((4096,), float("nan"))  # memory the next allocations may reuse
+        del junk
+        model = mtp_model(router="sigmoid")
+        biases = [module.moe.router.expert_bias for module in model.modules()
+                  if hasattr(module, "moe") and module in list(model.mtp.modules())]
+        assert len(biases) == 2
+        assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)

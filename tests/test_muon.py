@@ -13,6 +13,7 @@ from tiny_run import TINY_YAML, tiny_overrides
 
 from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli.main import main
 from deepseek_mini.train.loop import train
 from deepseek_mini.train.muon import MuonWithAdamW
 from deepseek_mini.train.optim import build_optimizer, build_scheduler, set_trainable
@@ -196,9 +197,20 @@ def test_resume_refuses_to_change_the_optimizer(data_overrides, tmp_path):
               allow_changes=True)
 
 
-def test_muon_with_fsdp_is_one_config_error():
-    with pytest.raises(UserError, match="muon is not supported with train.parallel=fsdp"):
-        small("train.parallel=fsdp")
+@pytest.mark.parametrize("extra, message", [
+    (["train.parallel=fsdp"], "muon is not supported with train.parallel=fsdp"),
+    (["train.parallel=ddp", "train.expert_parallel=2"],
+     "muon is not supported with train.expert_parallel=2: use train.expert_parallel=1"),
+])
+def test_muon_with_fsdp_or_expert_parallelism_is_one_error_line(extra, message, tmp_path,
+                                                                 capsys):
+    with pytest.raises(UserError, match=message):
+        small(*extra)
+    args = ["train", "--config", str(TINY_YAML), "--set", "train.optimizer=muon",
+            "--set", f"train.out_dir={tmp_path}", *[a for e in extra for a in ("--set", e)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 def test_training_only_the_mtp_modules_with_muon_leaves_the_main_model_alone(data_overrides,

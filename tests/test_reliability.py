@@ -26,6 +26,7 @@ from deepseek_mini.cli.main import main
 from deepseek_mini.data.tokens import prepare_data
 from deepseek_mini.evaluation import EvalResult
 from deepseek_mini.files import (
+    DIVERGED,
     EXIT_DISK_FULL,
     LATEST,
     LOCK_FILE,
@@ -139,6 +140,34 @@ def test_under_torchrun_only_rank_0_locks(tmp_path):
         held.release()
 
 
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "foreign file", "folder", "fifo"])
+def test_a_lock_that_is_not_ours_is_refused_and_left_untouched(tmp_path, kind):
+    """Issue 26: a .lock linked to a user's file had it truncated to "PID HOST"."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("my own notes\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / LOCK_FILE
+    {"symlink": lambda: lock.symlink_to(victim), "hard link": lambda: os.link(victim, lock),
+     "foreign file": lambda: lock.write_text("my own notes\n"), "folder": lock.mkdir,
+     "fifo": lambda: os.mkfifo(lock)}[kind]()
+    with pytest.raises(UserError, match=rf"lock {lock} .*is left untouched: remove or rename"):
+        run_folder.claim(run, resume=False)
+    assert victim.read_text() == "my own notes\n"
+    assert kind in ("folder", "fifo") or lock.read_text() == "my own notes\n"
+
+
+def test_training_into_a_folder_whose_lock_is_a_symlink_is_one_error_line(
+        data_overrides, tmp_path, capsys):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("my own notes\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(victim)
+    assert main(train_args(data_overrides, tmp_path / "run")) == 2
+    assert "is a symbolic link" in one_error_line(capsys)
+    assert victim.read_text() == "my own notes\n"
+
+
 # --- what a run does once it holds its folder -------------------------------------
 
 def test_stale_temporaries_are_removed_and_the_bytes_reported(tmp_path):
@@ -164,6 +193,16 @@ def test_a_fresh_run_moves_an_older_run_aside_and_a_resume_does_not(tmp_path):
     assert (moved / "best.pt").read_text() == "best.pt"
     assert not any((tmp_path / n).exists() for n in (LATEST, "best.pt", METRICS_FILE))
     assert f"moved to {moved}" in folder.notes[0]
+
+
+def test_a_users_own_config_yaml_is_not_called_an_older_runs(tmp_path):
+    """Issue 26: a config.yaml alone in out_dir was moved aside as "the older run's"."""
+    (tmp_path / "config.yaml").write_text("train:\n  lr: 1.0e-3\n")
+    folder = run_folder.claim(tmp_path, resume=False)
+    folder.release()
+    (moved,) = (tmp_path / run_folder.PREVIOUS_RUNS).iterdir()
+    assert (moved / "config.yaml").read_text() == "train:\n  lr: 1.0e-3\n"
+    assert "older run" not in folder.notes[0] and "written by no run" in folder.notes[0]
 
 
 # --- never a non-finite model -------------------------------------------------------
@@ -219,9 +258,52 @@ def test_a_run_whose_steps_were_all_skipped_exits_non_zero(data_overrides, tmp_p
 
     monkeypatch.setattr(loop, "train_step", skipped_step)
     assert main(train_args(data_overrides, tmp_path)) == 2
-    assert "all 8 steps of this run were skipped" in one_error_line(capsys)
+    assert "all 4 steps since the start of the run were skipped" in one_error_line(capsys)
+    assert not (tmp_path / LATEST).exists()  # the first save refused to write it
     for line in (tmp_path / METRICS_FILE).read_text().splitlines():
         json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics"))
+
+
+def test_a_diverged_but_finite_run_keeps_the_good_checkpoints(data_overrides, tmp_path,
+                                                              capsys):
+    """Issue 26: at lr 1e30 one step blows the weights up to ~1e29 (still finite), the
+    next ones are skipped as non-finite, and latest.pt was overwritten with exit 0."""
+    args = train_args(data_overrides, tmp_path)
+    assert main([*args, "--stop-after", "4"]) == 0
+    good = {name: digest(tmp_path / name) for name in (LATEST, "best.pt")}
+    assert main(["train", "--resume", str(tmp_path), "--set", "train.lr=1e30",
+                 "--set", "train.min_lr=1e29"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: the run diverged: ")
+    assert "since the last save (step 4) were skipped" in line and "train.lr 1e+30" in line
+    assert f"{tmp_path / LATEST} and {tmp_path / 'best.pt'} kept" in line
+    assert {name: digest(tmp_path / name) for name in good} == good
+    diverged = load_checkpoint(tmp_path / DIVERGED)  # beside them, whole, for a look
+    assert diverged["step"] == 8 and all_finite(diverged["model"].values())
+    assert max(float(t.abs().max()) for t in diverged["model"].values()) > 1e20
+
+
+def test_a_fresh_run_that_diverges_writes_no_latest(data_overrides, tmp_path, capsys):
+    assert main(train_args(data_overrides, tmp_path, "train.lr=1e30", "train.min_lr=1e29",
+                           "train.warmup_steps=0")) == 2
+    line = one_error_line(capsys)
+    assert "since the start of the run were skipped" in line and "no earlier checkpoint" in line
+    assert not (tmp_path / LATEST).exists() and (tmp_path / DIVERGED).is_file()
+
+
+def test_resuming_from_non_finite_weights_is_refused_before_a_step(data_overrides, tmp_path,
+                                                                   capsys):
+    """Issue 26: such a resume trained NaN steps, then blamed train.lr."""
+    args = train_args(data_overrides, tmp_path)
+    assert main([*args, "--stop-after", "4"]) == 0
+    ckpt = torch.load(tmp_path / LATEST, weights_only=True)
+    next(iter(ckpt["model"].values())).view(-1)[0] = math.nan
+    atomic_save(ckpt, tmp_path / LATEST)
+    rows = (tmp_path / METRICS_FILE).read_text()
+    assert main([*args, "--resume"]) == 2
+    line = one_error_line(capsys)
+    assert f"checkpoint {tmp_path / LATEST} holds non-finite weights" in line
+    assert "train.lr" not in line and (tmp_path / METRICS_FILE).read_text() == rows
 
 
 def test_metrics_rows_are_json_even_with_nested_non_finite_values(tmp_path):
@@ -273,6 +355,20 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(data_overrides, tmp
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_full_disk_at_a_new_file_does_not_speak_of_a_previous_one(tmp_path, monkeypatch):
+    """Issue 26: "the previous file is kept" was said when there was none."""
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError, match="nothing is left half-written$"):
+        atomic_write_text("x", tmp_path / "new.yaml")
+    (tmp_path / "old.yaml").write_text("kept")
+    with pytest.raises(UserError, match="the previous file is kept$"):
+        atomic_write_text("x", tmp_path / "old.yaml")
+    assert (tmp_path / "old.yaml").read_text() == "kept" and not (tmp_path / "new.yaml").exists()
+
+
 def test_replaced_files_keep_their_mode_and_new_ones_follow_the_umask(tmp_path):
     fresh = tmp_path / "fresh.yaml"
     atomic_write_text("a", fresh)
@@ -307,7 +403,7 @@ def test_resume_in_a_read_only_run_folder_is_one_error_line(data_overrides, tmp_
     def read_only(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(run_folder, "open", read_only, raising=False)
+    monkeypatch.setattr(run_folder, "_open_lock", read_only)
     assert main([*train_args(data_overrides, tmp_path), "--resume"]) == 2
     assert one_error_line(capsys) == (f"error: cannot write in the run folder {tmp_path}: "
                                       "permission denied")
@@ -367,6 +463,53 @@ def test_training_refuses_a_binary_file_as_eval_does(data_overrides, tmp_path, c
     assert main(args) == 2
     line = one_error_line(capsys)
     assert f"data file {blob} is binary, not text: " in line and "% of its characters" in line
+
+
+def test_a_token_cache_overwritten_with_zeros_is_rebuilt(data_overrides, tmp_path, capsys):
+    """Issue 26: zeros are valid ids (<|endoftext|>), so an all-zero train.bin of the
+    right size was trained on; the digest recorded at writing notices it."""
+    cfg = Config.from_yaml(TINY_YAML, [*data_overrides, f"data.cache_dir={tmp_path}"])
+    first = prepare_data(cfg.data, cfg.train.seed, VOCAB, progress=False)
+    train_bin = first.path / "train.bin"
+    kept, good = train_bin.stat(), np.array(first.train)
+    train_bin.write_bytes(bytes(kept.st_size))
+    os.utime(train_bin, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    capsys.readouterr()
+    again = prepare_data(cfg.data, cfg.train.seed, VOCAB, progress=False)
+    assert "changed since they were written" in capsys.readouterr().err
+    assert np.array_equal(np.array(again.train), good)
+
+
+def test_a_file_with_many_nul_bytes_is_read_with_a_warning_by_train_and_eval(
+        data_overrides, tmp_path, capsys):
+    """Issue 26: a file 18% NUL bytes passed train and eval without a word (above 20% it
+    is refused)."""
+    doc = "Tom had a red ball." + "\x00" * 9 + " He liked it very much."  # 9 of 51
+    blob = tmp_path / "mostly.txt"
+    blob.write_text(f"{doc}\n<|endoftext|>\n" * 40)
+    nuls = 9 * 40
+    args = train_args(data_overrides, tmp_path / "run", "data.source=files",
+                      f"data.files=[{blob}]", f"data.cache_dir={tmp_path / 'c'}",
+                      "data.val_fraction=0.2", "train.max_steps=1")
+    assert main(args) == 0
+    warning = f"warning: {blob}: 18% of its characters are NUL bytes ({nuls})"
+    assert warning in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / LATEST), "--data",
+                 str(blob)]) == 0
+    assert warning in capsys.readouterr().err
+
+
+def test_integer_tensors_in_a_checkpoint_are_refused(tmp_path, capsys):
+    """Issue 26: int64 weights were cast into the float parameters without a word."""
+    cfg = Config.from_yaml(TINY_YAML, ["model.num_layers=1", "model.hidden_size=32",
+                                       "model.num_heads=2", "model.kv_latent_dim=16",
+                                       "model.expert_hidden=32", "model.vocab_size=64"])
+    state = DeepSeekMini(cfg.model).state_dict()
+    state["norm.weight"] = torch.ones(32, dtype=torch.int64)
+    atomic_save({"model": state, "config": cfg.to_dict()}, tmp_path / "int.pt")
+    assert main(["generate", "--checkpoint", str(tmp_path / "int.pt"), "--prompt", "a"]) == 2
+    assert one_error_line(capsys).endswith("its tensor norm.weight is int64, where it is "
+                                           "floating point")
 
 
 def test_a_checkpoint_whose_model_is_not_a_state_dict(tmp_path):

@@ -5,6 +5,7 @@ leaves mid-stream, and the ``serve`` command."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -111,6 +112,11 @@ def test_stories_use_the_instruct_prompt(served):
     ({"prompt": "a", "n": 2}, 400, "n", "n must be 1"),
     ({"prompt": "a " * 1500}, 400, "prompt", "the model reads at most 1024"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model 'gpt-4' does not exist"),
+    ('{"prompt": "a\\ud800b"}', 400, "prompt", "holds a lone UTF-16 surrogate"),
+    ("[" * 100_000 + "]" * 100_000, 400, None, "nested too deeply"),
+    ({"prompt": "a", "seed": 2**70}, 400, "seed", "seed must be a 64-bit integer"),
+    ('{"prompt": "a", "temperature": NaN}', 400, "temperature", "must be a finite number"),
+    ('{"prompt": "a", "top_p": Infinity}', 400, "top_p", "must be a finite number"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status, param,
                                                            message):
@@ -147,6 +153,34 @@ def test_a_client_leaving_mid_stream_frees_its_row(served, monkeypatch):
     assert seen[-1] == Finish("cancelled") and len(seen) < 1000
     while served.batcher.running and time.monotonic() < deadline:
         time.sleep(0.05)  # the row goes right after its last delivery
+    assert served.batcher.running == 0
+
+
+def test_a_client_leaving_before_the_reply_frees_its_row(served, monkeypatch):
+    seen = []
+    submit = served.batcher.submit
+
+    def spy(request):
+        deliver = request.deliver
+        request.deliver = lambda event: (seen.append(event), deliver(event))
+        submit(request)
+
+    monkeypatch.setattr(served.batcher, "submit", spy)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0,
+                       "seed": 3}).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+    # closed: the reply, sent in one piece, would go nowhere
+    while not isinstance(seen[-1], Finish) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[-1] == Finish("cancelled") and len(seen) < 1000
+    while served.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert served.batcher.running == 0
 
 

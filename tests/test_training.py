@@ -142,8 +142,10 @@ def test_non_finite_losses_are_counted_and_ten_in_a_row_stop_the_run(data_overri
         return out
 
     monkeypatch.setattr(DeepSeekMini, "forward", poisoned)
-    result = train(tiny_config(data_overrides, tmp_path / "some", "train.max_steps=4"))
-    assert result.step == 4
+    # skipped steps since the last save: the run has diverged, its state is kept apart
+    with pytest.raises(UserError, match="the run diverged: 2 of the 4 steps since the start"):
+        train(tiny_config(data_overrides, tmp_path / "some", "train.max_steps=4"))
+    assert not (tmp_path / "some" / "latest.pt").exists()
     rows = {r["step"]: r for r in read_rows(tmp_path / "some") if "loss" in r}
     assert rows[2]["loss"] is None and rows[2]["skipped_steps"] == 1  # nothing finite to average
     assert math.isfinite(rows[4]["loss"]) and rows[4]["skipped_steps"] == 2
@@ -157,7 +159,8 @@ def test_non_finite_losses_are_counted_and_ten_in_a_row_stop_the_run(data_overri
     monkeypatch.setattr(DeepSeekMini, "forward", always_nan)
     with pytest.raises(UserError, match="not finite for 10 steps in a row"):
         train(tiny_config(data_overrides, tmp_path / "all", "train.max_steps=30",
-                          "train.log_interval=5"))
+                          "train.log_interval=5", "train.save_interval=30",
+                          "train.eval_interval=30"))
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(data_overrides, tmp_path):

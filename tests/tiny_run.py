@@ -16,7 +16,7 @@ from deepseek_mini.data.demo_corpus import demo_stories
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "tiny.yaml"
 VOCAB = 512
-TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu", "cpu_s"}
+TIMING_KEYS = {"elapsed_s", "tokens_per_s", "mfu", "cpu_s", "peak_flops"}
 TINY = [
     "model.hidden_size=32", "model.num_heads=2", "model.kv_latent_dim=16",
     "model.expert_hidden=64", "model.max_position=64",

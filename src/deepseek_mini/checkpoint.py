@@ -27,6 +27,10 @@ TRAINING_STATE = frozenset({"optimizer", "scheduler", "scaler", "sampler", "rng"
                             "collapse_watch"})
 
 
+# The model's only tensors that are not floating point: the trimmed head's kept ids.
+INTEGER_TENSORS = frozenset({"head.ids"})
+
+
 def weights_checkpoint(model_state: dict[str, Any], config: dict[str, Any],
                        **extra: Any) -> dict[str, Any]:
     """A checkpoint without training state: what warm start and ``best.pt`` hold."""
@@ -65,9 +69,39 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint (its 'model' "
                         "entry is not a state dict of named tensors)")
-    if isinstance(ckpt["config"], dict) and isinstance(ckpt["config"].get("model"), dict):
-        ckpt["config"] = {**ckpt["config"], "model": upgrade_model_dict(ckpt["config"]["model"])}
+    # load_state_dict would cast integer or boolean values into float weights (or floats
+    # into the id list) without a word.
+    odd = next((k for k, v in model.items()
+                if v.is_floating_point() == (k in INTEGER_TENSORS)), None)
+    if odd is not None:
+        kind = "integer" if odd in INTEGER_TENSORS else "floating point"
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint: its tensor "
+                        f"{odd} is {str(model[odd].dtype).removeprefix('torch.')}, where it is "
+                        f"{kind}")
+    config = ckpt["config"]
+    where = ("" if not isinstance(config, dict) else
+             next((f"'s {name!r} section" for name in ("model", "data", "train")
+                   if not isinstance(config.get(name, {}), dict)), None))
+    if where is not None:
+        raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint (its "
+                        f"config{where} is not a mapping)")
+    if "model" in config:
+        ckpt["config"] = {**config, "model": upgrade_model_dict(config["model"])}
     return ckpt
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """The first way ``given`` (a state dict) does not fit a model whose state dict is
+    ``expected``, in one phrase naming the tensor; None when it fits. What
+    ``load_state_dict`` would say over many lines, under a heading that names none."""
+    for name, tensor in expected.items():
+        if name not in given:
+            return f"tensor {name} is missing"
+        if tuple(given[name].shape) != tuple(tensor.shape):
+            return (f"tensor {name} has shape {list(given[name].shape)}, the model's is "
+                    f"{list(tensor.shape)}")
+    extra = next((name for name in given if name not in expected), None)
+    return None if extra is None else f"tensor {extra} is not one of the model's"
 
 
 def all_finite(tensors: Iterable[Any]) -> bool:
@@ -87,6 +121,19 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     verdicts = [torch.cat([torch.stack(torch.aminmax(t)).double() for t in group])
                 .isfinite().all() for group in by_device.values()]
     return all(bool(v) for v in verdicts)
+
+
+def check_finite(ckpt: dict[str, Any], path: str | Path, state: bool = False) -> None:
+    """Refuse a checkpoint with an inf or NaN weight (and, with ``state``, optimizer
+    state): training never saves one, so it was made elsewhere or broken since, and a
+    model built from it computes only NaN."""
+    tensors = list(ckpt["model"].values())
+    if state:
+        tensors += list(state_tensors(ckpt.get("optimizer")))
+    if not all_finite(tensors):
+        raise UserError(f"checkpoint {path} holds non-finite weights (inf or NaN)"
+                        + (" or optimizer state" if state else "")
+                        + ": it was saved from a diverged run and cannot be used")
 
 
 def state_tensors(state: Any) -> Iterable[Any]:

@@ -8,6 +8,7 @@ the files. Nothing here is ever executed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -64,6 +65,8 @@ class ModelConfig:
     dense_hidden: int = 0
     mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3); 0 = none
     mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
+    # LM head over the training split's N most frequent ids + one "other" class (0: full)
+    head_vocab: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -107,10 +110,14 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"model.qk_rope_head_dim ({self.qk_rope_head_dim}) must be even "
                               "for RoPE")
-        if self.first_k_dense >= self.num_layers:
-            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must be below "
-                              f"model.num_layers ({self.num_layers}): at least one MoE layer")
+        if self.first_k_dense > self.num_layers:
+            raise ConfigError(f"model.first_k_dense ({self.first_k_dense}) must not exceed "
+                              f"model.num_layers ({self.num_layers}) (equal: a dense model)")
         _one_of(self, "mtp_ffn", ("moe", "dense"))
+        _non_negative(self, "head_vocab")
+        if self.head_vocab > self.vocab_size:
+            raise ConfigError(f"model.head_vocab ({self.head_vocab}) must not exceed "
+                              f"model.vocab_size ({self.vocab_size})")
         self._validate_groups()
 
     def _validate_groups(self) -> None:
@@ -182,6 +189,7 @@ class TrainConfig:
     warm_start: str | None = None
     compile: bool = False
     parallel: str = "none"
+    expert_parallel: int = 1  # ranks each MoE layer's routed experts are split over
     threads: int | None = None  # CPU threads; None: chosen by measurement (threads.py)
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
     mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
@@ -202,7 +210,8 @@ class TrainConfig:
         _one_of(self, "muon_adjust_lr", ("match_rms_adamw", "original"))
         _one_of(self, "schedule", ("cosine", "wsd"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
-                  "eval_interval", "eval_batches", "save_interval", "sample_interval")
+                  "eval_interval", "eval_batches", "save_interval", "sample_interval",
+                  "expert_parallel")
         _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                       "mtp_loss_weight")
         if self.muon_lr is not None:
@@ -215,6 +224,10 @@ class TrainConfig:
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise ConfigError("train.optimizer muon is not supported with train.parallel=fsdp: "
                               "use train.parallel=ddp, or train.optimizer=adamw")
+        if self.optimizer == "muon" and self.expert_parallel > 1:
+            raise ConfigError("train.optimizer muon is not supported with "
+                              f"train.expert_parallel={self.expert_parallel}: use "
+                              "train.expert_parallel=1 (ddp), or train.optimizer=adamw")
         for key in ("threads", "decay_steps"):
             if getattr(self, key) is not None:
                 _positive(self, key)
@@ -286,6 +299,13 @@ class Config:
         self.model.validate()
         self.data.validate()
         self.train.validate()
+        if self.model.num_experts % self.train.expert_parallel:
+            raise ConfigError(f"train.expert_parallel ({self.train.expert_parallel}) must divide "
+                              f"model.num_experts ({self.model.num_experts}): each rank of an "
+                              "expert-parallel group holds the same number of experts")
+        if self.train.expert_parallel > 1 and self.train.parallel == "none":
+            raise ConfigError(f"train.expert_parallel={self.train.expert_parallel} needs "
+                              "train.parallel ddp or fsdp (a torchrun launch)")
         if self.train.trainable == "mtp" and self.model.mtp_depth == 0:
             raise ConfigError("train.trainable is 'mtp' but model.mtp_depth is 0: set "
                               "model.mtp_depth to the number of MTP modules to train")
@@ -311,7 +331,7 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
 ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
                     "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
-                    "dense_hidden", "mtp_depth", "mtp_ffn")
+                    "dense_hidden", "mtp_depth", "mtp_ffn", "head_vocab")
 
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +358,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"{self.name} line {line}: a key must be a name, got "
+                                  f"{key!r}") from None
             if key in seen:
                 raise ConfigError(f"{self.name}: duplicate key {key!r} at lines {seen[key]} "
                                   f"and {line}")
@@ -383,10 +408,22 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    if (section, name) in RENAMED:
+        raise ConfigError(f"--set {item!r}: '{key.strip()}' is no longer a key: write "
+                          f"{RENAMED[section, name]} instead")
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    if name not in fields:  # the command line's mistake, not the file's
+        raise ConfigError(f"--set {item!r}: unknown key '{section}.{name}'"
+                          + _did_you_mean(section, name, fields))
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"config section '{section}' must be a mapping")
     target[name] = value
+
+
+def _did_you_mean(section: str, name: Any, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), known, n=1)
+    return f" (did you mean '{section}.{close[0]}'?)" if close else ""
 
 
 def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
@@ -402,7 +439,8 @@ def _build_section(name: str, kind: type, raw: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{name}.{key}' is no longer a key: write "
                               f"{RENAMED[name, key]} instead")
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'")
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'"
+                              + _did_you_mean(name, key, sorted(fields)))
         values[key] = _coerce(f"{name}.{key}", value, hints[key])
     return kind(**values)
 

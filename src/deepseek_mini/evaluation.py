@@ -186,10 +186,12 @@ class Totals:
             weighted = entropy.double() * tokens
             self.entropy = weighted if self.entropy is None else self.entropy + weighted
 
-    def usage(self) -> ExpertUsage | None:
+    def usage(self, first_layer: int = 0) -> ExpertUsage | None:
+        """The expert usage of the MoE layers, the first being layer ``first_layer``."""
         if self.counts is None:
             return None
-        return ExpertUsage.from_counts(self.counts.cpu(), (self.entropy / self.tokens).cpu())
+        return ExpertUsage.from_counts(self.counts.cpu(), (self.entropy / self.tokens).cpu(),
+                                       first_layer)
 
 
 @torch.inference_mode()
@@ -210,15 +212,17 @@ def score(forward: Forward, batches: Iterable[torch.Tensor], device: torch.devic
 
 
 def evaluate(forward: Forward, stream: torch.Tensor, seq_len: int, batch_size: int,
-             device: torch.device, n_bytes: int, progress: bool = True) -> EvalResult:
-    """Sum the negative log-likelihood of every token of ``stream`` after the first."""
+             device: torch.device, n_bytes: int, progress: bool = True,
+             first_moe_layer: int = 0) -> EvalResult:
+    """Sum the negative log-likelihood of every token of ``stream`` after the first;
+    ``first_moe_layer`` (``model.first_k_dense``) names the expert usage's layers."""
     total = len(stream) - 1
     if total < 1:
         raise UserError("nothing to score: the text is shorter than two tokens")
     with Progress(total, "eval", unit="tokens", enabled=progress) as bar:
         totals = score(forward, window_batches(stream, seq_len, batch_size), device,
                        bar.update)
-    return EvalResult(float(totals.nll), total, n_bytes, totals.usage())
+    return EvalResult(float(totals.nll), total, n_bytes, totals.usage(first_moe_layer))
 
 
 def deepseek_forward(model: torch.nn.Module,
@@ -283,10 +287,23 @@ def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
         raise UserError(f"cannot load --hf-model {spec}: its PyTorch weights file holds "
                         "Python objects besides tensors, which a weights-only load refuses; "
                         "use a safetensors copy of the model") from None
+    except _safetensors_error() as exc:
+        raise UserError(f"cannot load --hf-model {spec}: its safetensors weights are cut short "
+                        f"or damaged ({str(exc).strip() or type(exc).__name__})") from None
     except (OSError, ValueError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load --hf-model {spec}: {first}") from None
     return model.eval(), tokenizer
+
+
+def _safetensors_error() -> type[Exception]:
+    """safetensors' own error type (what a damaged file raises), where it is installed;
+    else a type nothing raises."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return type("NoSafetensors", (Exception,), {})
+    return SafetensorError
 
 
 def hf_separator(tokenizer: Any, spec: str) -> int:

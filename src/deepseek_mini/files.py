@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,8 @@ BEST = "best.pt"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (LATEST, BEST, METRICS_FILE, LOG_FILE, CONFIG_FILE)
+DIVERGED = "diverged.pt"  # a diverged run's last state, written beside the good latest.pt
+RUN_FILES = (LATEST, BEST, METRICS_FILE, LOG_FILE, CONFIG_FILE, DIVERGED)
 LOCK_FILE = ".lock"
 EXIT_DISK_FULL = 28  # the command's exit status on a full disk (ENOSPC's number)
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -45,8 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     """Call ``write(f)`` on a temporary file beside ``path``, then make it ``path``."""
     path = Path(path)
     ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
-                               suffix=".tmp")
+    fd, tmp = _mkstemp(path)
     try:
         os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "wb" if binary else "w",
@@ -58,11 +59,58 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if is_disk_full(exc):
+            kept = ("the previous file is kept" if path.exists()
+                    else "nothing is left half-written")
+            raise DiskFullError(f"the disk is full: cannot write {path} "
+                                f"({_free_bytes(path.parent)} bytes free in {path.parent}); "
+                                f"{kept}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_named(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``atomic_write`` for writers that open their file by name (the gguf package's
+    GGUFWriter): ``write(tmp)`` fills a temporary file beside ``path``, which is then
+    fsynced and renamed over it, with the same modes and full-disk error."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, name = _mkstemp(path)
+    tmp = Path(name)
+    try:
+        try:
+            os.fchmod(fd, _mode_for(path))
+        finally:
+            os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
             raise DiskFullError(f"the disk is full: cannot write {path} "
                                 f"({_free_bytes(path.parent)} bytes free in {path.parent}); "
                                 "the previous file is kept") from None
         raise
     _fsync_dir(path.parent)
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """The temporary file beside ``path``; a folder that takes no new files (/proc) is
+    the user's to fix (a full disk and a folder we may not write are reported as such)."""
+    try:
+        return tempfile.mkstemp(dir=path.parent, prefix=temporary_name_prefix(path.name),
+                                suffix=".tmp")
+    except PermissionError:
+        raise
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write {path}") from None
+        raise UserError(f"cannot create a file in {path.parent}: {exc.strerror or exc}"
+                        ) from None
 
 
 def ensure_dir(path: str | Path, what: str = "folder") -> Path:
@@ -89,10 +137,17 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in _DISK_FULL:
             return True
-        if "No space left on device" in str(current):
+        if "No space left on device" in str(current) or _short_write(current):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _short_write(exc: BaseException) -> bool:
+    """numpy's ``tofile`` (the token cache, the gguf package's writer) reports a write
+    the disk cut short as ``OSError: N requested and M written``, without an errno."""
+    return (isinstance(exc, OSError) and exc.errno is None
+            and re.fullmatch(r"\d+ requested and \d+ written", str(exc)) is not None)
 
 
 def _mode_for(path: Path) -> int:
@@ -101,9 +156,22 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return umask_mode(0o666)
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` (0o666 for a file, 0o777 for a folder) less the process's umask: what a
+    plain ``open`` or ``mkdir`` would give, for what ``mkstemp`` / ``mkdtemp`` made 0600 /
+    0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def free_bytes(directory: str | Path) -> int:
+    """Bytes an unprivileged writer may still put in ``directory``'s file system (0 when
+    that cannot be read): what a full-disk error reports."""
+    return _free_bytes(Path(directory))
 
 
 def _free_bytes(directory: Path) -> int:

@@ -110,20 +110,23 @@ def throughput_figure(rows: Rows) -> Any | None:
 
 
 def experts_figure(rows: Rows) -> Any | None:
-    """Layers × experts heatmap of the routed-slot fractions at the last evaluation."""
+    """Layers × experts heatmap of the routed-slot fractions at the last evaluation; the
+    rows are the MoE layers, labelled with their index in the model (``expert_layers``:
+    leading dense layers have no row)."""
     evals = [r for r in rows if r.get("expert_fractions")]
     if not evals:
         return None
     last = evals[-1]
     fractions = last["expert_fractions"]
     layers, experts = len(fractions), len(fractions[0])
+    names = last.get("expert_layers") or list(range(layers))
     fig = _figure(figsize=(max(4.0, 0.7 * experts + 2), max(3.0, 0.35 * layers + 1.5)))
     ax = fig.subplots()
     image = ax.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0)
     fig.colorbar(image, ax=ax, label="fraction of the layer's routed slots")
     ax.set_title(f"expert load at step {last['step']} (uniform: {1 / experts:.3f})")
     ax.set_xticks(range(experts))
-    ax.set_yticks(range(layers))
+    ax.set_yticks(range(layers), [str(n) for n in names])
     ax.set_xlabel("expert (cells: % of slots)")
     ax.set_ylabel("layer")
     if layers * experts <= 256:

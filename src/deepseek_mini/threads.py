@@ -34,13 +34,19 @@ def default_threads(work: Work, cores: int, load: float) -> int:
     return cores
 
 
+def user_chose_threads(requested: int | None) -> bool:
+    """Whether the thread count is the user's (``requested``, or ``OMP_NUM_THREADS``),
+    so that no note should tell them how to set it."""
+    return requested is not None or os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
+
+
 def choose_threads(requested: int | None, work: Work) -> int:
     """``requested``, else ``OMP_NUM_THREADS`` when set, else ``default_threads``."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be positive, got {requested}")
         return requested
-    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+    if user_chose_threads(None):
         return STARTUP_THREADS
     return default_threads(work, STARTUP_THREADS, load_average())
 

@@ -37,6 +37,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.hf_model and args.experts:
         raise UserError("--experts needs a deepseek-mini --checkpoint (a transformers model "
                         "reports no expert usage)")
+    if args.hf_model and args.quantize:
+        raise UserError("--quantize applies to a deepseek-mini --checkpoint, not --hf-model")
 
 
 def check_seq_len(seq_len: int, max_position: int | None) -> None:
@@ -46,14 +48,18 @@ def check_seq_len(seq_len: int, max_position: int | None) -> None:
 
 def _checkpoint_run(args: argparse.Namespace, docs: list[str], device: torch.device,
                     note: str | None) -> EvalResult:
-    model, tok, config = load_for_inference(args.checkpoint, device, tokenizer=args.tokenizer)
+    model, tok, config = load_for_inference(args.checkpoint, device, tokenizer=args.tokenizer,
+                                            quantize=args.quantize)
     seq_len = args.seq_len or config.data.seq_len
+    if args.experts and model.config.first_k_dense >= model.config.num_layers:
+        raise UserError(f"--experts: {args.checkpoint} is a dense model (model.first_k_dense "
+                        f"= num_layers = {model.config.num_layers}), it has no experts")
     check_seq_len(seq_len, model.config.max_position)
     segments = select_segments(docs, tok, args.max_tokens)
     stream = token_stream(segments, tok.encode_batch, tok.eos_id)
     print_note(note)
     return evaluate(deepseek_forward(model), stream, seq_len, args.batch_size, device,
-                    count_bytes(segments))
+                    count_bytes(segments), first_moe_layer=model.config.first_k_dense)
 
 
 def _hf_run(args: argparse.Namespace, docs: list[str], device: torch.device,

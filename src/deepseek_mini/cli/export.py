@@ -1,13 +1,20 @@
-"""``deepseek-mini export``: a checkpoint as a Hugging Face folder."""
+"""``deepseek-mini export``: a checkpoint as a Hugging Face folder or a GGUF file."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from ..interop.hf_export import export
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.format == "gguf":
+        _gguf(args)
+        return
+    if args.dtype != "f32":
+        raise UserError(f"--dtype {args.dtype} applies to --format gguf; the Hugging Face "
+                        "folder is f32")
     result = export(args.checkpoint, args.out)
     if result.native:
         print(f"wrote {result.out}: transformers' deepseek_v3 ({result.tensors} tensors), "
@@ -16,3 +23,17 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {result.out}: deepseek-mini's layout with modeling_deepseek_mini.py "
               f"({result.tensors} tensors), loads with AutoModelForCausalLM and "
               f"trust_remote_code=True (not native: {result.why_not_native})")
+
+
+def _gguf(args: argparse.Namespace) -> None:
+    from ..interop.gguf_export import export_gguf
+
+    result = export_gguf(args.checkpoint, args.out, args.dtype)
+    print(f"wrote {result.out}: GGUF for llama.cpp, architecture deepseek2, {result.dtype} "
+          f"({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
+    if result.kept_f16:
+        print(f"  {len(result.kept_f16)} tensors kept in f16: their rows are not whole "
+              f"q8_0 blocks of 32 ({', '.join(result.kept_f16[:3])}"
+              f"{', ...' if len(result.kept_f16) > 3 else ''})")
+    if result.left_out:
+        print(f"  left out: {result.left_out} (llama.cpp decodes with the main model)")

@@ -15,10 +15,10 @@ import torch
 from ..data.instruct import instruct_prompt
 from ..data.tokenizer import Tokenizer
 from ..errors import UserError
-from ..inference.generate import Streamer, generate
+from ..inference.generate import Streamer, check_speculative, generate
 from ..inference.loading import load_for_inference
 from ..inference.prompts import completion_text, encode_prompts
-from ..inference.sampling import CLI_NAMES, check_sampling
+from ..inference.sampling import CLI_NAMES, check_sampling, check_seed
 from ..inference.speculative import SpeculativeStats
 from ..inference.streaming import IncrementalDecoder
 from ..train.precision import DTYPES, resolve_device
@@ -99,6 +99,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, args.top_p, CLI_NAMES)
+    check_seed(args.seed, CLI_NAMES)
     if args.compile and args.no_cache:
         raise UserError("--compile compiles the cached decode step: drop --no-cache")
     if args.speculative and (args.compile or args.no_cache):
@@ -133,13 +134,15 @@ def run(args: argparse.Namespace) -> None:
     note = use_threads(args.threads, "decode", device)
     prompts = read_prompts(args)
     model, tok, _ = load_for_inference(args.checkpoint, device, DTYPES[args.dtype],
-                                       args.tokenizer)
+                                       args.tokenizer, quantize=args.quantize)
     ids, mask, max_new = encode_prompts(tok, prompts, model.config.max_position,
                                         args.max_new_tokens)
     if max_new < args.max_new_tokens:
         print(f"note: generating at most {max_new} new tokens: the prompt ({ids.shape[1]} "
               f"tokens) and --max-new-tokens {args.max_new_tokens} exceed model.max_position "
               f"{model.config.max_position}", file=sys.stderr)
+    if args.speculative:  # before the prompt is printed
+        check_speculative(model, ids, not bool(mask.all()), not args.no_cache, args.compile)
     print_note(note)
     stats = SpeculativeStats()
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -151,7 +154,12 @@ def run(args: argparse.Namespace) -> None:
         stream, finish = stdout_streamer(tok)
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
-        out = generate(model, ids, max_new, streamer=stream, **options)
+        try:
+            out = generate(model, ids, max_new, streamer=stream, **options)
+        except UserError:  # the error line must not continue the story's
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            raise
         finish()
     else:
         out = generate(model, ids, max_new, **options)

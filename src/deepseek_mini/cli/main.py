@@ -6,10 +6,15 @@ them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import importlib.metadata
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
+from ..console import silence_stdout, stdout_reader_gone
 from ..errors import UserError
 from ..files import EXIT_DISK_FULL, is_disk_full
 
@@ -28,12 +33,27 @@ HANDLERS = {
     "serve": "serve",
 }
 
+QUANTIZE_MODES = ("int8", "bf16")  # model/quantize.py's MODES, without importing torch
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, once: not appended where the help already says what None
+    means ("(None: the checkpoint's)") or names the default itself, nor to a required
+    option, which has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.required or "default" in text
+                or (action.default is None and "None:" in text)):
+            return text
+        return super()._get_help_string(action)
+
 
 class _Parser(argparse.ArgumentParser):
     """Every ``--help`` shows each option's default; errors are one line."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, exit 2, as for every user error
@@ -48,6 +68,14 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    help="override a config key; the value is read as YAML (repeatable)")
 
 
+def _add_gguf_export(p: argparse.ArgumentParser) -> None:
+    """export's GGUF options (issue 23)."""
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a Hugging Face folder; gguf: one file for llama.cpp")
+    p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (the hf folder is always f32)")
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     """Where and how a checkpoint is loaded to decode (generate, serve)."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -55,7 +83,15 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weight dtype for decoding")
     p.add_argument("--tokenizer", default=None, help="tokenizer (None: the checkpoint's)")
+    _add_quantize(p)
     _add_threads(p, "1 thread")
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    """Weight-only quantization on load (generate, serve, eval; model/quantize.py)."""
+    p.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                   help="quantize the weights as they load, CPU only: int8 (per output "
+                        "channel) or bf16; the checkpoint file stays full precision")
 
 
 def _add_threads(p: argparse.ArgumentParser, default_is: str) -> None:
@@ -68,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deepseek-mini",
                      description="Build, train, evaluate and sample a DeepSeek-style "
                                  "MoE + MLA language model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model")
@@ -86,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the schedule still runs to train.max_steps; continue with --resume)")
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="the checkpoint to sample from (best.pt, latest.pt or a warm-start file)")
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeat for a batch); '-' reads stdin")
     p.add_argument("--prompt-file", help="read prompts from a file, one per line")
@@ -130,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer (None: the checkpoint's; SmolLM2's to count --max-tokens "
                         "for --hf-model)")
+    _add_quantize(p)
     _add_threads(p, "every physical core, or 1 when the load average exceeds the cores")
 
     p = sub.add_parser("info", help="parameter counts, FLOPs and cache size of a config")
@@ -149,15 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SmolLM2 weights: HF folder, Hub id or GGUF file (default: search); "
                         "or a transformers DeepseekV3 folder, imported exactly")
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder or a "
+                                      "GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--checkpoint", required=True,
+                   help="the checkpoint to export (best.pt, latest.pt or a warm-start file)")
+    p.add_argument("--out", required=True, help="folder to create (absent or empty); with "
+                                                "--format gguf, the file to create")
+    _add_gguf_export(p)
 
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-style HTTP API, with "
                                      "a story page")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="the checkpoint to serve (best.pt, latest.pt or a warm-start file)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: this machine only)")
+                   help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together; more wait for a free row")
@@ -174,12 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f".{HANDLERS[args.command]}", __package__)
     try:
-        return module.run(args) or 0
+        with _sigterm_interrupts():
+            status = module.run(args) or 0
+            sys.stdout.flush()  # a reader that left is met here, not at interpreter exit
+            return status
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except BrokenPipeError:  # before OSError, which it is
+        if not stdout_reader_gone():
+            raise
+        silence_stdout()  # `deepseek-mini ... | head`: the reader has what it wanted
+        return 0
     except PermissionError as exc:  # a folder or file the user may not write or read
         print(f"error: permission denied: {exc.filename or exc}", file=sys.stderr)
+        return 2
+    except (IsADirectoryError, NotADirectoryError) as exc:  # a folder where a file goes
+        print(f"error: {_path_in_the_way(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if not is_disk_full(exc):
@@ -189,8 +244,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deepseek-mini")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _path_in_the_way(exc: OSError) -> str:
+    """What an IsADirectoryError / NotADirectoryError means, naming the path: for a
+    rename, the target (``filename2``) is the one in the way."""
+    path = exc.filename2 or exc.filename
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a folder, where a file is to be read or written: move it aside"
+    return f"{path}: part of this path is a file, not a folder"
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a command as Ctrl-C does: the ``with`` blocks unwind (temporary
+    files removed, worker pools stopped) and it exits 130 with "interrupted", rather than
+    dying at once and leaving half-written files and orphaned workers' tracebacks.
+    Training installs its own handler (finish the step, save) on top of this one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

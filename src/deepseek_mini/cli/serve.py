@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     device = resolve_device(args.device, "--device")
     note = use_threads(args.threads, "decode", device)
     model, tok, _ = load_for_inference(args.checkpoint, device, DTYPES[args.dtype],
-                                       args.tokenizer)
+                                       args.tokenizer, quantize=args.quantize)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     batcher = Batcher(model, tok.eos_id, args.max_batch).start()

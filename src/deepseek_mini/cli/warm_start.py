@@ -14,12 +14,15 @@ from ..config import Config
 from ..files import atomic_save
 from ..interop.hf_import import import_deepseek_v3, is_deepseek_v3_folder
 from ..interop.smollm2 import load_smollm2
-from ..interop.warm_start import format_table, save_warm_start, warm_start
+from ..interop.warm_start import format_table, geometry_check, save_warm_start, warm_start
 from ..progress import Progress
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = Config.from_yaml(args.config, args.set)
+    # A trimmed head's ids come from a run's training split, which this command never
+    # reads: the file holds the full head, and the run trims it (train/state.py).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head_vocab=0))
     if args.source is not None and is_deepseek_v3_folder(args.source):
         model = import_deepseek_v3(args.source, cfg.model)
         cfg = dataclasses.replace(cfg, model=model.config)
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"imported {args.source} (DeepseekV3) exactly; wrote {args.out}")
         return
     torch.manual_seed(cfg.train.seed)
-    weights = load_smollm2(args.source)
+    weights = load_smollm2(args.source, check=geometry_check(cfg.model))
     with Progress(2 * cfg.model.num_layers, "mapping SmolLM2", unit="layer steps") as bar:
         result = warm_start(cfg.model, weights, seed=cfg.train.seed, on_layer=bar.update)
     print(format_table(result))

@@ -32,6 +32,7 @@ _EOS_BYTES = EOS_TOKEN.encode()
 _REPLACEMENT_BYTES = "\ufffd".encode()
 MAX_INVALID_FRACTION = 0.2  # of a file's characters; above it the file is not text (random
 # bytes decode to over half U+FFFD, Latin-1 prose to a few per cent)
+WARN_INVALID_FRACTION = 0.02  # above it a file is trained on with a warning naming the share
 DIGEST_WHOLE_BYTES = 4 << 20
 DIGEST_BLOCKS = 64
 DIGEST_BLOCK_BYTES = 64 << 10
@@ -126,6 +127,10 @@ def read_file(path: Path) -> Iterator[str]:
     _refuse_binary(path, nuls, replaced[0], chars)
     if replaced[0]:
         warn(f"{path}: {replaced[0]} invalid UTF-8 sequence(s) replaced with U+FFFD")
+    if nuls + replaced[0] > WARN_INVALID_FRACTION * chars:
+        warn(f"{path}: {100 * (nuls + replaced[0]) / chars:.0f}% of its characters are NUL "
+             f"bytes ({nuls}) or invalid UTF-8 ({replaced[0]}): read as text all the same, "
+             f"but is it text? (above {100 * MAX_INVALID_FRACTION:.0f}% a file is refused)")
     if count == 0:
         warn(f"{path} holds no text; skipped")
 
@@ -133,7 +138,8 @@ def read_file(path: Path) -> Iterator[str]:
 def _refuse_binary(path: Path, nuls: int, invalid: int, chars: int) -> None:
     """The one rule for training and eval alike: a file whose characters are more than
     ``MAX_INVALID_FRACTION`` NUL bytes or invalid UTF-8 is not text, and is refused; a
-    few bad bytes (a Latin-1 letter) are replaced with a warning."""
+    few bad bytes (a Latin-1 letter) are replaced with a warning, and a share above
+    ``WARN_INVALID_FRACTION`` is named in it."""
     bad = nuls + invalid
     if not chars or bad <= MAX_INVALID_FRACTION * chars:
         return

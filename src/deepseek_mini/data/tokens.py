@@ -6,7 +6,9 @@ two uint16 token files plus a JSON of what they were made from. The cache direct
 name is derived from everything that decides the split (source, file names, tokenizer,
 seed, fractions); its meta also records file sizes, modification times and sampled
 digests, so a changed input is rebuilt in place and an unchanged one is memory-mapped in
-well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too.
+well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too, and
+so does a token file whose sampled digest is not the one recorded when it was written (a
+file overwritten at the same size: zeros are valid ids, and would be trained on).
 
 ``BatchSampler`` draws ``seq_len + 1`` token windows from epoch-wise permutations. Its
 state is two integers, so a resumed run continues with exactly the batches an
@@ -21,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,9 +35,9 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
-from ..files import atomic_write_text, ensure_dir
+from ..files import DiskFullError, atomic_write_text, ensure_dir, free_bytes, is_disk_full
 from ..progress import Progress
-from .sources import documents, files_fingerprint, warn
+from .sources import documents, files_fingerprint, sample_digest, warn
 from .tokenizer import Tokenizer, load_tokenizer
 
 CACHE_VERSION = 1
@@ -72,12 +75,15 @@ def prepare_data(data: DataConfig, seed: int, vocab_size: int | None = None,
     ensure_dir(directory, "data.cache_dir")
     with _lock(directory / ".lock"):
         meta = _current_meta(directory, identity)
-        if meta is not None and not _ids_fit(directory, tok.vocab_size):
-            warn(f"rebuilding the token cache {directory}: it holds token ids beyond the "
-                 f"tokenizer's {tok.vocab_size} (a corrupt or foreign train.bin / val.bin)")
+        problem = _cache_problem(directory, meta, tok.vocab_size) if meta else None
+        if problem:
+            warn(f"rebuilding the token cache {directory}: {problem}")
             meta = None
         if meta is None:
             meta = _build(data, seed, tok, identity, directory, progress)
+        elif "digests" not in meta:  # a cache written before digests were recorded
+            meta["digests"] = _token_digests(directory)
+            atomic_write_text(json.dumps(meta, indent=2), directory / "meta.json")
     train, val = _open(directory / "train.bin"), _open(directory / "val.bin")
     _check_val_length(val, data)
     return PreparedData(train=train, val=val, meta=meta, tokenizer=tok, path=directory)
@@ -198,6 +204,23 @@ def _current_meta(directory: Path, identity: dict) -> dict | None:
     return meta if all(sizes) else None
 
 
+def _cache_problem(directory: Path, meta: dict, vocab_size: int) -> str | None:
+    """Why a cache whose meta is current cannot be used as it is (None: it can)."""
+    if not _ids_fit(directory, vocab_size):
+        return (f"it holds token ids beyond the tokenizer's {vocab_size} (a corrupt or "
+                "foreign train.bin / val.bin)")
+    if "digests" in meta and meta["digests"] != _token_digests(directory):
+        return ("its train.bin / val.bin changed since they were written (overwritten or "
+                "corrupted at the same size)")
+    return None
+
+
+def _token_digests(directory: Path) -> dict[str, str]:
+    """Sampled digests of the token files (``sample_digest``: milliseconds for any size)."""
+    return {s: sample_digest(directory / f"{s}.bin", (directory / f"{s}.bin").stat().st_size)
+            for s in ("train", "val")}
+
+
 def _what_changed(old: dict | None, new: dict) -> str:
     if not isinstance(old, dict):
         return "its metadata is unreadable"
@@ -218,8 +241,8 @@ def _build(data: DataConfig, seed: int, tok: Tokenizer, identity: dict, director
     if total is not None and data.max_documents is not None:
         total = min(total, data.max_documents)
     bar = Progress(total, f"tokenizing {data.source}", unit="documents", enabled=progress)
-    with split, bar:
-        for tokens, lengths in _tokenize(docs, tok, data.num_workers):
+    with split, bar, contextlib.closing(_tokenize(docs, tok, data.num_workers)) as chunks:
+        for tokens, lengths in chunks:
             split.add(tokens, lengths)
             bar.update(len(lengths))
             bar.set_postfix(f"tokens={split.total_tokens:,}")
@@ -234,6 +257,7 @@ def _build(data: DataConfig, seed: int, tok: Tokenizer, identity: dict, director
                       "vocab_size": tok.vocab_size},
         "documents": dict(split.doc_counts),
         "tokens": dict(split.token_counts),
+        "digests": _token_digests(directory),
         "seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(json.dumps(meta, indent=2), directory / "meta.json")
@@ -259,6 +283,11 @@ def _tokenize(docs: Iterator[str], tok: Tokenizer,
 
 def _init_worker(path: Path) -> None:
     global _worker_tokenizer
+    # The parent decides how an interrupt ends (it stops the pool, which terminates the
+    # workers): a forked worker must not act on Ctrl-C itself, nor run the CLI's
+    # SIGTERM-as-interrupt handler and print a traceback as the pool goes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _worker_tokenizer is None or _worker_tokenizer.path != path:
         _worker_tokenizer = load_tokenizer(str(path))
 
@@ -290,16 +319,33 @@ class _SplitWriter:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
+        """Whole files renamed into place; after any failure (a full disk, an interrupt)
+        the temporaries removed, a full disk reported as one (exit 28)."""
+        try:
+            if kind is None:
+                for f in self.files.values():
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as failure:
+            exc = failure
         for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        if kind is not None:
-            for p in self.tmp.values():
-                p.unlink(missing_ok=True)
-            return
-        for split, p in self.tmp.items():
-            os.replace(p, self.directory / f"{split}.bin")
+            with contextlib.suppress(OSError):  # what a full disk left unflushed is dropped
+                f.close()
+        if exc is None:
+            try:
+                for split, p in self.tmp.items():
+                    os.replace(p, self.directory / f"{split}.bin")
+                return
+            except OSError as failure:  # a folder in the way: the metadata is not written
+                exc = failure
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: cannot write the token cache in "
+                                f"{self.directory} ({free_bytes(self.directory)} bytes free); "
+                                "its partial files were removed") from None
+        if kind is None:
+            raise exc
 
     @property
     def documents(self) -> int:
@@ -316,7 +362,7 @@ class _SplitWriter:
                                   ("val", is_val, token_is_val)):
             n = int(docs.sum())
             if n:
-                tokens[toks].tofile(self.files[split])
+                self.files[split].write(tokens[toks])  # not tofile: its errors have no errno
                 self.doc_counts[split] += n
                 self.token_counts[split] += int(lengths[docs].sum())
                 self.last_len[split] = int(lengths[docs][-1])
@@ -338,7 +384,7 @@ class _SplitWriter:
     def _move_last(self, src: str, dst: str) -> None:
         n = self.last_len[src]
         tail = self._pop_tail(src, n)
-        tail.tofile(self.files[dst])
+        self.files[dst].write(tail)
         self.doc_counts[src] -= 1
         self.doc_counts[dst] += 1
         self.token_counts[dst] += n
@@ -348,8 +394,8 @@ class _SplitWriter:
         n = self.token_counts[split]
         tokens = self._pop_tail(split, n)
         cut = max(1, min(n - 1, round(n * (1 - self.val_fraction))))
-        tokens[:cut].tofile(self.files["train"])
-        tokens[cut:].tofile(self.files["val"])
+        self.files["train"].write(tokens[:cut])
+        self.files["val"].write(tokens[cut:])
         self.token_counts = {"train": cut, "val": n - cut}
         self.doc_counts = {"train": 1, "val": 1}
 

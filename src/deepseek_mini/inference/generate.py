@@ -19,7 +19,7 @@ import torch
 from ..model.cache import LatentCache
 from ..model.moe import exclude_from_compile
 from ..model.transformer import DeepSeekMini
-from .sampling import SamplingError, check_sampling, next_token
+from .sampling import SamplingError, check_sampling, check_seed, next_token
 from .speculative import Sampler, SpeculativeStats, speculative_generate
 
 Streamer = Callable[[torch.Tensor], None]
@@ -48,6 +48,7 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     ``SamplingError`` (a ValueError and a UserError).
     """
     check_sampling(temperature, top_k, top_p)
+    check_seed(seed)
     if seed is not None and generator is not None:
         raise SamplingError("give a seed or a generator, not both")
     if compile and not use_cache:
@@ -58,7 +59,7 @@ def generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_tokens: int 
     if seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
     if speculative:
-        _check_speculative(model, prompt_ids, padded, use_cache, compile)
+        check_speculative(model, prompt_ids, padded, use_cache, compile)
         return speculative_generate(model, prompt_ids, max_new_tokens,
                                     Sampler(temperature, top_k, top_p, generator), eos_id,
                                     streamer, stats)
@@ -121,8 +122,10 @@ def compiled_decode_one(backend: str = "inductor") -> Callable[..., torch.Tensor
     return torch.compile(decode_one, backend=backend, dynamic=False)
 
 
-def _check_speculative(model: DeepSeekMini, prompt_ids: torch.Tensor, padded: bool,
-                       use_cache: bool, compile: bool) -> None:
+def check_speculative(model: DeepSeekMini, prompt_ids: torch.Tensor, padded: bool,
+                      use_cache: bool, compile: bool) -> None:
+    """What speculative decoding needs (MTP modules, one unpadded prompt, the eager
+    cache): a command checks it before it prints anything."""
     if model.config.mtp_depth == 0:
         raise SamplingError("speculative decoding drafts with MTP modules, and this model "
                             "has none (model.mtp_depth is 0)")

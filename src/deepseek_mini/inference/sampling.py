@@ -18,8 +18,16 @@ class SamplingError(UserError, ValueError):
     a ValueError for Python callers."""
 
 
-PYTHON_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"}
-CLI_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+PYTHON_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "seed": "seed"}
+CLI_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+             "seed": "--seed"}
+# What torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+class NonFiniteLogits(SamplingError):
+    """The model's next-token scores hold inf or NaN: nothing can be sampled from them."""
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
@@ -32,6 +40,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
         raise SamplingError(f"{names['top_k']} must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise SamplingError(f"{names['top_p']} must be in (0, 1], got {top_p}")
+
+
+def check_seed(seed: int | None, names: dict[str, str] = PYTHON_NAMES) -> None:
+    """A seed torch's generators take (64 bits), checked before any work is done."""
+    low, high = SEED_RANGE
+    if seed is not None and not low <= seed <= high:
+        raise SamplingError(f"{names['seed']} must be a 64-bit integer, from -2**63 to "
+                            f"2**64 - 1, got {seed}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,5 +88,16 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None
     """One token per row of ``logits`` [B, V] as a LongTensor [B]; temperature 0 is argmax."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = probabilities(logits, temperature, top_k, top_p)
+    return draw(probabilities(logits, temperature, top_k, top_p), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` [B, V] (weights need not sum to one). Scores that
+    overflowed are an error saying so: one read per step, where decoding reads each
+    step's tokens anyway, since multinomial's own refusal is a bare RuntimeError on the
+    CPU and a device-side assert on CUDA."""
+    if not bool(probs.isfinite().all()):
+        raise NonFiniteLogits("the model's next-token scores hold inf or NaN (its weights or "
+                              "activations overflow; in 16-bit, try --dtype fp32): nothing "
+                              "can be sampled")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

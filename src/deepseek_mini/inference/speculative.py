@@ -30,7 +30,7 @@ import torch
 
 from ..model.cache import LatentCache
 from ..model.transformer import DeepSeekMini
-from .sampling import probabilities
+from .sampling import draw, probabilities
 
 Streamer = Callable[[torch.Tensor], None]
 
@@ -72,7 +72,7 @@ class Sampler:
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per row of ``probs`` [B, V] (weights need not sum to one)."""
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return draw(probs, self.generator)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """One token per row of ``logits`` [B, V], as plain decoding chooses it."""
@@ -158,7 +158,7 @@ def speculative_generate(model: DeepSeekMini, prompt_ids: torch.Tensor, max_new_
     ids = torch.empty(1, total + depth, dtype=torch.long, device=device)
     ids[:, :prompt_len] = prompt_ids
     state = _State(ids, torch.empty(1, total, model.config.hidden_size, device=device,
-                                    dtype=model.embed.weight.dtype),
+                                    dtype=model.dtype),
                    torch.arange(total + depth, device=device)[None],
                    model.new_cache(1, total), model.new_cache(1, total, num_layers=depth))
     out = model(ids[:, :prompt_len], cache=state.cache, positions=state.positions[:, :prompt_len],

@@ -149,7 +149,9 @@ def to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.T
                 out[f"{theirs}mlp.{b}.weight"] = state[f"{ours}mlp.{a}.weight"]
             continue
         out[theirs + "mlp.gate.weight"] = state[ours + "moe.router.weight"]
-        out[theirs + "mlp.gate.e_score_correction_bias"] = state[ours + "moe.router.expert_bias"]
+        if cfg.router == "sigmoid":  # a softmax router (GGUF export) has no bias
+            out[theirs + "mlp.gate.e_score_correction_bias"] = state[
+                ours + "moe.router.expert_bias"]
         for a, b in _FFN.items():
             out[f"{theirs}mlp.shared_experts.{b}.weight"] = state[f"{ours}moe.shared.{a}.weight"]
             stacked = state[f"{ours}moe.experts.w_{a}"].transpose(1, 2)

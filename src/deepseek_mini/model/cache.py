@@ -46,6 +46,8 @@ class LatentCache:
         # static steps: the next slot to write, on the device
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
         self._slots = torch.arange(max_len, device=device)
+        # A trimmed LM head's rows, gathered once for the generation (transformer.py).
+        self.head_rows: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:

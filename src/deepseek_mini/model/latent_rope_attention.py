@@ -99,10 +99,18 @@ class LatentRopeAttention(nn.Module):
                   k_rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attend in latent space: queries ``[W_UKᵀ q_nope ; q_rope]`` against the cached
         ``[c ; k_r]`` (one head shared by all), values ``c``; ``W_UV`` applied after."""
-        w = self.kv_up.weight.view(self.num_heads, self.nope + self.value, self.latent)
+        w = self._kv_up_weight(q_nope.dtype).view(self.num_heads, self.nope + self.value,
+                                                  self.latent)
         w_uk, w_uv = w.split([self.nope, self.value], dim=1)
         q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1)   # [B, H, T, c + r]
         k = torch.cat([latent, k_rope], dim=-1)[:, None]               # [B, 1, S, c + r]
         out = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask,
                                              scale=self.scale, enable_gqa=True)
         return torch.matmul(out, w_uv.transpose(1, 2))                 # [B, H, T, v]
+
+    def _kv_up_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``kv_up``'s weight [out, in]: the parameter, or a quantized layer's weight as
+        ``dtype`` (quantize.py; a small matrix, cast at each step)."""
+        if isinstance(self.kv_up, nn.Linear):
+            return self.kv_up.weight
+        return self.kv_up.dequantized(dtype)

@@ -11,15 +11,19 @@ only multiplies in). The matmul FLOPs are the usual path's; nothing is recompute
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 CHUNK_ROWS = 256
 
 
-def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-             ignore_index: int, chunk_rows: int, want_grad: bool):
+def _chunked(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
+             ignore_index: int, chunk_rows: int, want_grad: bool,
+             head: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Summed CE over valid rows, their count and, with ``want_grad``, the unnormalised
-    fp32 gradients of ``hidden`` and ``weight``."""
+    fp32 gradients of ``hidden`` and ``weight``. A ``head`` module, if given, makes the
+    logits instead of ``weight`` (forward only)."""
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -29,7 +33,7 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
         h, t, keep = hidden[rows], safe_targets[rows, None], valid[rows, None]
-        logits = (h @ weight.T).float()
+        logits = (h @ weight.T if head is None else head(h)).float()
         picked = logits.gather(1, t)
         # log-sum-exp by hand, in the logits' own memory: four passes where
         # torch.logsumexp and a second exp took seven, with temporaries.
@@ -79,4 +83,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
     total, count, _, _ = _chunked(hidden, weight, targets, ignore_index, chunk_rows, False)
+    return total / count
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                       targets: torch.Tensor, ignore_index: int = -100,
+                       chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """``linear_cross_entropy`` through a head module (a quantized LM head, which has no
+    float weight), ``chunk_rows`` rows at a time; no gradient."""
+    total, count, _, _ = _chunked(hidden, None, targets, ignore_index, chunk_rows, False, head)
     return total / count

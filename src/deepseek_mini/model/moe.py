@@ -83,7 +83,9 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
-    if _grouped_mm_works(x.device.type, x.dtype) and _aligned(x, weight):
+    # No rows at all (an expert-parallel rank that receives none) takes the loop too:
+    # ``_grouped_mm``'s backward fails on an empty input.
+    if x.shape[0] and _grouped_mm_works(x.device.type, x.dtype) and _aligned(x, weight):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, weight, offs=offsets)
     # Fallback: one product per expert; reading the counts is the one host sync it needs.
@@ -115,6 +117,13 @@ class RoutedExperts(nn.Module):
         gate = grouped_matmul(x, self.w_gate, counts) if self.w_gate is not None else None
         return grouped_matmul(activate(grouped_matmul(x, self.w_up, counts), gate),
                               self.w_down, counts)
+
+    def served_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert over every token these experts served in the last forward,
+        which the balance loss weighs: ``counts`` itself here. An expert-parallel
+        replacement (train/expert_parallel.py) serves its whole group's tokens and
+        answers the group's counts."""
+        return counts
 
     def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Row ``i`` of ``x`` through expert ``experts[i]``, by batched products over the
@@ -154,7 +163,8 @@ class MoE(nn.Module):
             out = out + self.shared(tokens)
         stats = None
         if with_stats:
-            balance, z = self.router.losses(routing, counts, shape)
+            balance, z = self.router.losses(routing, self.experts.served_counts(counts),
+                                            shape)
             probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
             stats = RouterStats(balance, z, counts.detach(), entropy.detach())

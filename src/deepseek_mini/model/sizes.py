@@ -23,6 +23,11 @@ With ``attention: latent_rope`` (n nope, r rope, v value dims, q rank q_r): atte
 ``h·H·(n+r)`` (or ``h·q_r + q_r + q_r·H·(n+r)``) + ``h·(c+r) + c`` + ``c·H·(n+v)`` +
 ``H·v·h``, QKᵀ and AV cost ``6·L·H·(n+r+v)·T``, and the cache holds ``c + r`` values. The
 first ``first_k_dense`` layers hold one dense MLP of ``dense_width`` instead of the MoE.
+
+A trimmed head (``head_vocab`` N > 0, head.py) scores ``R = N + 1`` rows (N when N = V, no
+"other" class) instead of V: its matmul weights are ``R·h`` wherever ``V·h`` stands above,
+and it adds the "other" vector's ``h`` parameters (its rows are the embedding's, or the
+untied head's, which keeps all V rows).
 """
 
 from __future__ import annotations
@@ -57,13 +62,21 @@ def moe_params(cfg: ModelConfig) -> int:
     return cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
 
 
+def head_rows(cfg: ModelConfig) -> int:
+    """The rows the LM head scores per token: V, or a trimmed head's kept ids + "other"."""
+    if not cfg.head_vocab:
+        return cfg.vocab_size
+    return cfg.head_vocab + (cfg.head_vocab < cfg.vocab_size)
+
+
 def total_params(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
     moe_layers = cfg.num_layers - cfg.first_k_dense
     layers = (cfg.num_layers * (attention_params(cfg) + 2 * h) + moe_layers * moe_params(cfg)
               + cfg.first_k_dense * dense_params(cfg))
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + head + layers + h
+    other = h if 0 < cfg.head_vocab < cfg.vocab_size else 0
+    return cfg.vocab_size * h + head + other + layers + h
 
 
 def mtp_layer_params(cfg: ModelConfig, active: bool = False) -> int:
@@ -84,7 +97,7 @@ def mtp_params(cfg: ModelConfig) -> int:
 def draft_cost(cfg: ModelConfig) -> float:
     """One MTP draft's matmul weights over one main decoding step's: the share of a step
     each guess costs on a device bound by reading weights."""
-    return ((mtp_layer_params(cfg, active=True) + cfg.vocab_size * cfg.hidden_size)
+    return ((mtp_layer_params(cfg, active=True) + head_rows(cfg) * cfg.hidden_size)
             / matmul_params_per_token(cfg))
 
 
@@ -99,7 +112,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     moe = cfg.hidden_size * cfg.num_experts + experts * expert_params(cfg)
     moe_layers = cfg.num_layers - cfg.first_k_dense
     return (cfg.num_layers * attention_params(cfg) + moe_layers * moe
-            + cfg.first_k_dense * dense_params(cfg) + cfg.vocab_size * cfg.hidden_size)
+            + cfg.first_k_dense * dense_params(cfg) + head_rows(cfg) * cfg.hidden_size)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -121,6 +134,40 @@ def plain_kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
 
 
+# Memory lower bounds, in bytes by what they hold (memory.check_fits compares the sum
+# with the machine): less than any run needs, so only configs that cannot fit are refused.
+
+def model_memory(cfg: ModelConfig, bytes_per_value: int = 4) -> dict[str, int]:
+    """What building the model holds: its weights (MTP included) and the RoPE tables
+    (cos and sin, fp32, ``max_position`` rows)."""
+    weights = (total_params(cfg) + mtp_params(cfg)) * bytes_per_value
+    return {"the weights (model.vocab_size, hidden_size, num_layers, expert sizes)": weights,
+            "the RoPE tables (model.max_position)": 2 * 4 * cfg.max_position * cfg.rope_dim}
+
+
+def training_memory(cfg: Config, shards: int = 1) -> dict[str, int]:
+    """``model_memory`` plus gradients and AdamW's two moments (fp32) of the trained
+    weights, split over ``shards`` FSDP ranks; the global batch's token windows (int64);
+    and what autograd keeps per token and layer, counted at 2 bytes a value (16-bit
+    autocast) and only the widest tensors: the layer's input, attention output and norm
+    inputs, the latent, each routed slot's input and every run expert's hidden units (a
+    dense layer's MLP units instead); measured, about half of what bf16 keeps."""
+    m, t = cfg.model, cfg.train
+    trained = mtp_params(m) if t.trainable == "mtp" else total_params(m) + mtp_params(m)
+    common = 4 * m.hidden_size + m.kv_latent_dim
+    moe = m.top_k * m.hidden_size + (m.top_k + m.num_shared_experts) * m.expert_hidden
+    mtp = m.expert_hidden if m.mtp_ffn == "dense" else moe
+    per_token = (m.num_layers + m.mtp_depth) * common + m.first_k_dense * m.dense_width \
+        + (m.num_layers - m.first_k_dense) * moe + m.mtp_depth * mtp
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    weights = model_memory(m)
+    return {**{part: size // shards for part, size in weights.items()},
+            "the gradients and AdamW state": 12 * trained // shards,
+            "the batch (train.batch_size x data.seq_len)":
+                8 * t.batch_size * (cfg.data.seq_len + 1) // shards,
+            "the activations (train.micro_batch_size x data.seq_len)": 2 * per_token * tokens}
+
+
 def report(cfg: Config) -> dict[str, int]:
     m = cfg.model
     return {
@@ -130,4 +177,5 @@ def report(cfg: Config) -> dict[str, int]:
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m),
         "kv_cache_bytes_per_token_without_mla": plain_kv_cache_bytes_per_token(m),
         "mtp_params": mtp_params(m),
+        "head_rows": head_rows(m),
     }

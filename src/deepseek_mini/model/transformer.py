@@ -4,12 +4,15 @@ Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm
 the first ``first_k_dense`` layers have a dense MLP instead of the MoE (DeepSeek-V3).
 ``model.attention`` picks the seed's MLA (attention.py) or the decoupled-RoPE one
 (latent_rope_attention.py); ``model.router`` the MoE's router (router.py). With
-``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer.
+``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer. With
+``head_vocab`` N > 0 the head scores N kept ids and an "other" class (head.py), its logits
+still a distribution over the whole vocabulary.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,18 +20,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint, model_config_of
+from ..checkpoint import load_checkpoint, model_config_of, state_dict_mismatch
 from ..config import ModelConfig
 from ..errors import UserError
+from ..memory import check_fits
 from .attention import MultiHeadLatentAttention
 from .cache import LatentCache
+from .head import TrimmedHead
 from .latent_rope_attention import LatentRopeAttention
-from .loss import linear_cross_entropy
+from .loss import head_cross_entropy, linear_cross_entropy
 from .mask import padded_causal_mask
 from .moe import FeedForward, MoE, exclude_from_compile
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import rope_tables
+from .router import sigmoid_routers
+from .sizes import model_memory
 
 
 @dataclass
@@ -47,7 +54,7 @@ class ModelOutput:
     """
 
     hidden: torch.Tensor = field(repr=False)
-    head: nn.Module = field(repr=False)
+    head: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     trunk: torch.Tensor | None = field(default=None, repr=False)  # all positions, pre-norm
     loss: torch.Tensor | None = None
     ce: torch.Tensor | None = None
@@ -99,6 +106,8 @@ class DecoderLayer(nn.Module):
 class DeepSeekMini(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        check_fits(model_memory(cfg), torch.get_default_device(),
+                   f"a model of hidden_size {cfg.hidden_size} x {cfg.num_layers} layers")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
@@ -108,6 +117,9 @@ class DeepSeekMini(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # None keeps the full head (and the state dict's keys) as they always were.
+        self.head = (TrimmedHead(cfg.vocab_size, cfg.hidden_size, cfg.head_vocab)
+                     if cfg.head_vocab else None)
         # Built on the meta device (drawing no random numbers) and initialised after every
         # main parameter by reset_parameters, so the main model's initial weights do not
         # depend on mtp_depth. Each module's layer index is its slot in the drafting cache.
@@ -118,6 +130,8 @@ class DeepSeekMini(nn.Module):
                                        else None))
                 for k in range(cfg.mtp_depth))
         self.mtp.to_empty(device=self.embed.weight.device)
+        for router in sigmoid_routers(self.mtp):  # to_empty leaves buffers uninitialised
+            router.expert_bias.zero_()
         cos, sin = rope_tables(cfg.rope_dim, cfg.max_position, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -125,10 +139,13 @@ class DeepSeekMini(nn.Module):
 
     def reset_parameters(self) -> None:
         """normal(0, 0.02) everywhere; residual-output projections scaled by 1/sqrt(2L) so
-        the residual stream's variance does not grow with depth (GPT-2)."""
+        the residual stream's variance does not grow with depth (GPT-2). The trimmed
+        head's "other" vector is a head row like the embedding's."""
         out_std = 0.02 / math.sqrt(2 * self.config.num_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if name == "head.other":
+                nn.init.normal_(p, std=0.02)
+            elif p.dim() < 2:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "w_down", "down.weight")):
                 nn.init.normal_(p, std=out_std)
@@ -137,7 +154,13 @@ class DeepSeekMini(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (and the cache's): the float weights', which a
+        quantized model (quantize.py) keeps in its norms."""
+        return self.norm.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: LatentCache | None = None, positions: torch.Tensor | None = None,
@@ -187,29 +210,79 @@ class DeepSeekMini(nn.Module):
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        out = ModelOutput(hidden=x, head=self.lm_head, trunk=trunk)
+        out = ModelOutput(hidden=x, head=self.head_logits, trunk=trunk)
         if targets is None:  # now, under the caller's autocast and grad mode
-            out.logits = self.lm_head(x)
+            out.logits = self.head_logits(x, cache)
         if with_stats:
-            out.expert_counts = torch.stack([s.expert_counts for s in stats])
-            out.router_entropy = torch.stack([s.router_entropy for s in stats])
+            out.expert_counts, out.router_entropy = self._router_stats(stats, x)
         if targets is not None:
-            out.ce = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight,
-                                          targets.flatten())
+            weight = self._head_weight()  # gathered once for the model and its MTP modules
+            out.ce = self._head_ce(x.flatten(0, 1), weight, targets.flatten())
             if mtp and len(self.mtp):
                 out.mtp_ce, mtp_stats = self._mtp_loss(trunk, input_ids, targets, positions,
-                                                       attention_mask)
+                                                       attention_mask, weight)
                 if mtp_stats:
                     out.mtp_expert_counts = torch.stack([s.expert_counts for s in mtp_stats])
                 stats = stats + mtp_stats
-            out.balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
-            out.z_loss = torch.stack([s.z_loss for s in stats]).sum()
+            zero = out.ce.new_zeros(())  # a model with no MoE layer has no router loss
+            out.balance_loss = sum((s.balance_loss for s in stats), zero)
+            out.z_loss = sum((s.z_loss for s in stats), zero)
             out.aux = out.balance_loss + out.z_loss
             out.loss = out.ce + out.aux
         return out
 
+    def _router_stats(self, stats: list, x: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert counts [MoE layers, experts] and router entropies [MoE layers]; empty
+        (zero rows) for an all-dense model (``first_k_dense == num_layers``)."""
+        if not stats:
+            return (x.new_zeros((0, self.config.num_experts), dtype=torch.long),
+                    x.new_zeros((0,), dtype=torch.float32))
+        return (torch.stack([s.expert_counts for s in stats]),
+                torch.stack([s.router_entropy for s in stats]))
+
+    def _head_weight(self) -> torch.Tensor | None:
+        """The rows the head scores: the full head's [V, h], or the trimmed head's; None
+        for a quantized full head (quantize.py), which scores through its own module."""
+        if self.head is None and not isinstance(self.lm_head, nn.Linear):
+            return None
+        full = self.lm_head.weight
+        return full if self.head is None else self.head.weight(full)
+
+    def _head_ce(self, hidden: torch.Tensor, weight: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+        """Mean CE over the full vocabulary of ``hidden`` [n, h] against ``targets`` [n]
+        (a quantized head: forward only, chunked through the head module)."""
+        if weight is None:
+            return head_cross_entropy(hidden, self.lm_head, targets)
+        if self.head is None:
+            return linear_cross_entropy(hidden, weight, targets)
+        return self.head.cross_entropy(hidden, weight, targets)
+
+    def head_logits(self, hidden: torch.Tensor, cache: LatentCache | None = None
+                    ) -> torch.Tensor:
+        """Logits over the full vocabulary [..., V] of final-norm states ``hidden``."""
+        if self.head is None:
+            return self.lm_head(hidden)
+        return self.head.logits(hidden, self._generation_rows(cache))
+
+    def _generation_rows(self, cache: LatentCache | None) -> torch.Tensor:
+        """The trimmed head's rows; a generation (a cache, no gradient) gathers them once,
+        in the autocast dtype, and reuses them at every step: the weights do not change
+        within it, and a gather per token moves the kept rows twice more than the matmul
+        reads them."""
+        if cache is None or torch.is_grad_enabled():
+            return self._head_weight()
+        if cache.head_rows is None:
+            rows, device = self._head_weight(), self.device.type
+            if torch.is_autocast_enabled(device):
+                rows = rows.to(torch.get_autocast_dtype(device))
+            cache.head_rows = rows
+        return cache.head_rows
+
     def _mtp_loss(self, trunk: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor,
-                  positions: torch.Tensor, attention_mask: torch.Tensor | None):
+                  positions: torch.Tensor, attention_mask: torch.Tensor | None,
+                  weight: torch.Tensor):
         """Mean CE over MTP depths, and their MoE layers' router statistics. Depth k at
         position i joins depth k-1's state with the embedding of token i + k (input k
         places on) and is scored on target i + k; each depth is one position shorter."""
@@ -224,8 +297,8 @@ class DeepSeekMini(nn.Module):
                     else padded_causal_mask(attention_mask[:, :steps].bool(), 0))
             hidden, layer_stats = module(hidden[:, :steps], self.embed(input_ids[:, k:]),
                                          rope, rope, None, mask, True)
-            ces.append(linear_cross_entropy(self.norm(hidden).flatten(0, 1),
-                                            self.lm_head.weight, targets[:, k:].flatten()))
+            ces.append(self._head_ce(self.norm(hidden).flatten(0, 1), weight,
+                                     targets[:, k:].flatten()))
             if layer_stats is not None:
                 stats.append(layer_stats)
         return torch.stack(ces).mean(), stats
@@ -245,7 +318,7 @@ class DeepSeekMini(nn.Module):
         rope_k = self._rope(cache.key_positions(steps))
         hidden, _ = self.mtp[depth](hidden, self.embed(tokens), rope_q, rope_k, cache,
                                     cache.attention_mask(steps), False)
-        return hidden, self.lm_head(self.norm(hidden[:, -1]))
+        return hidden, self.head_logits(self.norm(hidden[:, -1]), cache)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
@@ -257,7 +330,7 @@ class DeepSeekMini(nn.Module):
         cfg = self.config
         rope_size = cfg.qk_rope_head_dim if cfg.attention == "latent_rope" else 0
         return LatentCache(num_layers or cfg.num_layers, batch_size, max_len,
-                           cfg.kv_latent_dim, self.device, dtype or self.embed.weight.dtype,
+                           cfg.kv_latent_dim, self.device, dtype or self.dtype,
                            static, rope_size)
 
     @classmethod
@@ -272,13 +345,17 @@ class DeepSeekMini(nn.Module):
         """The model of an already read checkpoint (``path`` only names it in errors), for
         callers that also need its other entries."""
         model = cls(model_config_of(ckpt, path))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"checkpoint {path} does not match its model config: {first}"
-                            ) from None
+        load_weights(model, ckpt["model"], f"checkpoint {path}")
         return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``model.load_state_dict(state)``, a state that does not fit being a UserError that
+    names the first tensor at fault (``what`` names the state's origin)."""
+    mismatch = state_dict_mismatch(model.state_dict(), state)
+    if mismatch is not None:
+        raise UserError(f"{what} does not match its model config: {mismatch}")
+    model.load_state_dict(state)
 
 
 def compile_model(model: nn.Module, **options) -> nn.Module:

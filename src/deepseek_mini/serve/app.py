@@ -13,12 +13,12 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..data.tokenizer import Tokenizer
 from ..inference.batcher import Batcher, Finish
@@ -140,21 +140,26 @@ def create_app(batcher: Batcher, tok: Tokenizer, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _respond(params.completion(await _body(request), model_name))
+        return await _respond(params.completion(await _body(request), model_name), request)
 
     @app.post("/v1/stories")
     async def stories(request: Request) -> Any:
-        return await _respond(params.story(await _body(request), model_name))
+        return await _respond(params.story(await _body(request), model_name), request)
 
-    async def _respond(request: Completion) -> Any:
+    async def _respond(request: Completion, http: Request) -> Any:
         job = _Job(batcher, tok, request)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         if request.stream:
             return StreamingResponse(_stream(job, head), media_type="text/event-stream")
         texts = [""] * len(job.choices)
-        async for i, text, _ in job.pieces():
-            texts[i] += text
+
+        async def collect() -> None:
+            async for i, text, _ in job.pieces():
+                texts[i] += text
+
+        if not await _unless_disconnected(collect(), http):
+            return Response(status_code=499)  # nobody reads it: the client has gone
         choices = [{"index": i, "text": text, "finish_reason": c.finish, "logprobs": None}
                    for i, (text, c) in enumerate(zip(texts, job.choices, strict=True))]
         return {**head, "choices": choices, "usage": job.usage()}
@@ -174,11 +179,40 @@ async def _stream(job: _Job, head: dict[str, Any]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+async def _unless_disconnected(work: Coroutine[Any, Any, None], request: Request) -> bool:
+    """Run ``work`` to its end, or cancel it (its engine requests with it) as soon as the
+    client disconnects: a reply sent in one piece has no write that would fail before
+    ``max_tokens``. True when ``work`` ran to its end."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watch):
+            pending.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # an error in the work is the handler's
+    return True
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client has gone (the server's next message, once the body is
+    read, is ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _body(request: Request) -> Any:
     raw = await request.body()
     if not raw.strip():
         raise ApiError("the request body is empty: send a JSON object")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError("the request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError("the request body is nested too deeply") from None
+    params.check_text(body)
+    return body

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..data.instruct import instruct_prompt
+from ..inference.sampling import SEED_RANGE
 
 MAX_STOPS = 4  # as OpenAI's API
 
@@ -44,6 +47,8 @@ def _number(body: dict, name: str, default: float | None) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError(f"{name} must be a number, got {value!r}", name)
+    if not math.isfinite(value):  # JSON's NaN and Infinity, which Python reads
+        raise ApiError(f"{name} must be a finite number, got {value!r}", name)
     return float(value)
 
 
@@ -105,8 +110,12 @@ def sampling(body: Any, prompts: list[str], defaults: tuple[int, float]) -> Comp
     if body.get("echo", False) or body.get("logprobs") is not None:
         raise ApiError("echo and logprobs are not supported", "echo" if body.get("echo")
                        else "logprobs")
-    return Completion(prompts, max_tokens, temperature, top_p, top_k,
-                      _integer(body, "seed", None), _stops(body), stream)
+    seed = _integer(body, "seed", None)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(f"seed must be a 64-bit integer, from -2**63 to 2**64 - 1, got {seed}",
+                       "seed")
+    return Completion(prompts, max_tokens, temperature, top_p, top_k, seed, _stops(body),
+                      stream)
 
 
 def completion(body: Any, served: str) -> Completion:
@@ -134,6 +143,19 @@ def story(body: Any, served: str) -> Completion:
     if not any(fields.values()):
         raise ApiError("give at least one of summary, words or features", "summary")
     return sampling(body, [instruct_prompt(**fields)], (200, 0.8))
+
+
+def check_text(body: Any) -> None:
+    """Every string in ``body`` is Unicode text: JSON's ``\\ud800`` escapes can spell a lone
+    surrogate, which Python reads but no tokenizer or UTF-8 writer takes."""
+    items = body.items() if isinstance(body, dict) else [(None, body)]
+    for key, value in items:
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            named = key if isinstance(key, str) and key.isascii() else None
+            raise ApiError(f"{named or 'the request'} holds a lone UTF-16 surrogate (such as "
+                           "\\ud800): not valid Unicode text", named) from None
 
 
 def _object(body: Any) -> dict:

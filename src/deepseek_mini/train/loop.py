@@ -36,9 +36,10 @@ from ..expert_usage import CollapseWatch, ExpertUsage
 from ..files import CONFIG_FILE, LATEST, METRICS_FILE, atomic_write_text
 from ..inference.generate import generate
 from ..inference.prompts import completion_text
-from ..model.sizes import flops_per_token
+from ..memory import check_fits
+from ..model.sizes import flops_per_token, training_memory
 from ..model.transformer import compile_model
-from ..threads import busy_note, set_threads
+from ..threads import busy_note, set_threads, user_chose_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
@@ -104,6 +105,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
            precision: Precision, parallel: Parallel, notes: list[str]) -> TrainResult:
     ranks = parallel.ranks
     out_dir = Path(cfg.train.out_dir)
+    shards = ranks.world_size if parallel.kind == "fsdp" else 1
+    check_fits(training_memory(cfg, shards), precision.device, "training this config")
     check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     changes: list[str] = []
@@ -113,7 +116,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
-    model = initial_model(cfg, ckpt).to(precision.device)
+    model = initial_model(cfg, ckpt, data.train).to(precision.device)
     set_trainable(model, cfg.train.trainable)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:
@@ -125,7 +128,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
                            data.tokenizer.eos_id),
               LogWindow.zeros(precision.device), CollapseWatch())
     if ckpt is not None:
-        run.load_state_dict(ckpt)
+        run.load_state_dict(ckpt, out_dir / LATEST)
     if ranks.is_main:
         if resume:
             continue_metrics(out_dir / METRICS_FILE, run.step)
@@ -172,13 +175,13 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
     peak = measure_matmul_peak(run.precision.device, run.precision.dtype) * run.ranks.world_size
     _announce(run, log, ckpt, changes, peak, flops)
     run.window.started = time.perf_counter()
-    first_step, skipped_before = run.step, int(run.window.skipped_total)
+    run.saved_step, run.saved_skips = run.step, int(run.window.skipped_total)
     stopping = False
     with StopRequest(log.info) as stop:
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
         while run.step < end and not stopping:
             lr = run.scheduler.get_last_lr()[0]
-            batch = run.sampler.next_batch(run.ranks.rank, run.ranks.world_size)
+            batch = run.parallel.batch(run.sampler, tcfg.micro_batch_size)
             stats, finite = train_step(run.train_model, run.optimizer, batch,
                                        tcfg.micro_batch_size, tcfg.grad_clip, run.precision,
                                        run.parallel, tcfg.mtp_loss_weight)
@@ -201,8 +204,6 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
                 save(run, best=improved, latest=save_latest)
-    _raise_if_all_skipped(run, run.step - first_step,
-                          int(run.window.skipped_total) - skipped_before)
     if stopping:
         log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
                  f"{run.step}; {LATEST} saved (continue with --resume)")
@@ -219,11 +220,12 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
 def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[str],
               peak: float, flops: int) -> None:
     cfg = run.cfg
-    n_params = sum(p.numel() for p in run.model.parameters())
-    mtp = sum(p.numel() for p in run.model.mtp.parameters())
-    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    count = run.parallel.numel  # whole-model sizes, experts split over ranks or not
+    n_params = sum(count(p) for p in run.model.parameters())
+    mtp = sum(count(p) for p in run.model.mtp.parameters())
+    trained = sum(count(p) for p in run.model.parameters() if p.requires_grad)
     world = run.ranks.world_size
-    split = (f"{world} {run.parallel.kind} processes x " if world > 1 else "")
+    split = f"{run.parallel.describe()} x " if world > 1 else ""
     log.info(f"model: {n_params:,} parameters"
              + (f" ({mtp:,} in {cfg.model.mtp_depth} MTP modules)" if mtp else "")
              + (f", {trained:,} trained" if trained < n_params else "")
@@ -245,7 +247,7 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[
             log.info(f"learning rate: the {cfg.train.schedule} schedule reaches min_lr at step "
                      f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
                      f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
-    if run.precision.device.type == "cpu":
+    if run.precision.device.type == "cpu" and not user_chose_threads(cfg.train.threads):
         note = busy_note("--threads N (or train.threads)")
         if note:
             log.info(note)
@@ -273,26 +275,17 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
     log.info(f"step {run.step:>6}/{run.cfg.train.max_steps} | loss {loss:.4f} | ce {ce:.4f} | "
              + (f"mtp ce {mtp_ce:.4f} | " if mtp else "")
              + f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
-             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}%"
+             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}% of {format_flops(peak)}"
              + (f" | skipped {skipped_now} non-finite steps ({skipped} in all)"
                 if skipped_now else ""))
     log.metrics({"step": run.step, "loss": loss, "ce": ce, "aux": aux, "lr": lr,
                  "tokens_per_s": tokens_per_s, "elapsed_s": elapsed, "grad_norm": grad_norm,
-                 "mfu": mfu, "balance_loss": balance, "z_loss": z,
+                 "mfu": mfu, "peak_flops": peak, "balance_loss": balance, "z_loss": z,
                  "tokens_seen": run.tokens_seen, "skipped_steps": skipped,
                  "cpu_s": cpu_seconds(),
                  **({"mtp_ce": mtp_ce} if mtp else {})})
     window.reset()
     _raise_on_streak(run, streak)
-
-
-def _raise_if_all_skipped(run: Run, steps: int, skipped: int) -> None:
-    """A session that learnt nothing is a failure, even when it never hit the streak
-    limit (``max_steps`` below it): its exit status must say so."""
-    if steps and skipped == steps:
-        raise UserError(f"all {steps} steps of this run were skipped because the loss or "
-                        f"gradient was not finite: lower train.lr ({run.cfg.train.lr:g}) or "
-                        "try train.precision=fp32")
 
 
 def _check_streak(run: Run) -> None:
@@ -327,25 +320,32 @@ def _evaluate(run: Run, log: RunLog, batches: list[torch.Tensor]) -> bool:
     if len(mine) < math.ceil(len(batches) / world):
         score(forward, batches[:1], device)
     model.train()
+    # Only MoE layers have router statistics (not the first_k_dense ones, not MTP's): a
+    # dense model (first_k_dense == num_layers) has none.
+    moe_layers, experts = totals.counts.shape
     sums = run.parallel.sum(torch.cat([totals.nll[None], totals.tokens[None].double(),
                                        mine_nll[None], totals.counts.flatten(),
                                        totals.entropy])).cpu()
     tokens = float(sums[1])
     val_ce = float(sums[0]) / tokens
     val_mtp_ce = float(sums[2]) / tokens
-    layers = run.cfg.model.num_layers
-    usage = ExpertUsage.from_counts(sums[3:-layers].view(layers, -1), sums[-layers:] / tokens)
+    counts_end = 3 + moe_layers * experts
+    usage = (ExpertUsage.from_counts(sums[3:counts_end].view(moe_layers, experts),
+                                     sums[counts_end:] / tokens, run.cfg.model.first_k_dense)
+             if moe_layers else None)
     improved = math.isfinite(val_ce) and (run.best_val is None or val_ce < run.best_val)
     if improved:
         run.best_val = val_ce
     run.last_val = val_ce
-    log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)}) | "
-             + (f"val mtp ce {val_mtp_ce:.4f} | " if mtp else "") + usage.summary())
-    for warning in run.watch.update(usage):
+    log.info(f"step {run.step:>6} | val ce {val_ce:.4f} (best {_fmt(run.best_val)})"
+             + (f" | val mtp ce {val_mtp_ce:.4f}" if mtp else "")
+             + (f" | {usage.summary()}" if usage else ""))
+    for warning in run.watch.update(usage) if usage else []:
         log.info(warning)
     log.metrics({"step": run.step, "val_ce": val_ce, "best_val_ce": run.best_val,
                  "tokens_seen": run.tokens_seen, "cpu_s": cpu_seconds(),
-                 **({"val_mtp_ce": val_mtp_ce} if mtp else {}), **usage.to_dict()})
+                 **({"val_mtp_ce": val_mtp_ce} if mtp else {}),
+                 **(usage.to_dict() if usage else {})})
     return improved
 
 

@@ -3,7 +3,10 @@ run does once it holds the folder.
 
 Two runs writing one ``out_dir`` interleave ``metrics.jsonl`` mid-line and leave
 whichever ``latest.pt`` saved last, so a run holds an exclusive lock on
-``out_dir/.lock`` (which names its pid and host) from start to end. POSIX ``flock`` is
+``out_dir/.lock`` (which names its pid and host) from start to end. The lock is opened
+without following a link and rewritten only when it is a regular file of its own that
+is empty or names a holder, so a ``.lock`` that points at someone's file is refused,
+never truncated. POSIX ``flock`` is
 released by the kernel when its process dies, however it dies, so a killed run's lock is
 simply taken; where ``fcntl`` is missing the lock is a file created with ``O_EXCL``,
 taken over when the pid it names on this host is gone. Under torchrun rank 0 alone
@@ -16,16 +19,18 @@ run's files aside so one folder never mixes two runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from ..errors import UserError
-from ..files import LOCK_FILE, RUN_FILES, ensure_dir
+from ..files import CONFIG_FILE, LATEST, LOCK_FILE, METRICS_FILE, RUN_FILES, ensure_dir
 from .distributed import Parallel
 
 try:
@@ -36,6 +41,8 @@ except ImportError:  # not POSIX: the O_EXCL lock file below
 PREVIOUS_RUNS = "previous-runs"
 # atomic_write's temporaries: ``.NAME.`` + mkstemp's 8 random characters + ``.tmp``
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_HOLDER = re.compile(rb"\A\d+ \S+\n?\Z")  # what a lock holds: "PID HOST"
+_HOLDER_MAX_BYTES = 300
 
 
 @dataclass
@@ -100,17 +107,50 @@ def _lock(folder: RunFolder) -> None:
 
 
 def _flock(folder: RunFolder, path: Path) -> None:
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+    handle = os.fdopen(_open_lock(path), "r+b")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise _busy(folder.path, path) from None
+    held = handle.read(_HOLDER_MAX_BYTES + 1)
+    if held and not _HOLDER.match(held):  # a file of ours holds "PID HOST" or nothing
+        handle.close()
+        raise _not_a_lock(path, "holds something other than a run's pid and host")
     handle.seek(0)
     handle.truncate()
-    handle.write(_holder_line())
+    handle.write(_holder_line().encode())
     handle.flush()
     folder._handle = handle
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened for reading and writing without following a symbolic link
+    (``O_NOFOLLOW``) and refused unless it is a regular file with no other name (a hard
+    link): the lock is rewritten with the holder's pid, and a link would have that write
+    land in someone's file."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        what = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is a folder",
+                errno.ENXIO: "is not a regular file"}.get(exc.errno)
+        if what is None:
+            raise
+        raise _not_a_lock(path, what) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise _not_a_lock(path, "is not a regular file" if not stat.S_ISREG(st.st_mode)
+                          else f"is a hard link ({st.st_nlink} names)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _not_a_lock(path: Path, what: str) -> UserError:
+    return UserError(f"the run folder's lock {path} {what}, so it is not a lock this project "
+                     "wrote and is left untouched: remove or rename it, or choose another "
+                     "train.out_dir")
 
 
 def _exclusive_file(folder: RunFolder, path: Path) -> None:
@@ -175,6 +215,9 @@ def _remove_temporaries(folder: RunFolder) -> None:
 
 
 def _move_older_run_aside(folder: RunFolder) -> None:
+    """Move what an older run left to ``previous-runs/<time>/``. A ``config.yaml`` with no
+    run file beside it is no run's, but the user's own (perhaps the very ``--config``):
+    it is moved aside all the same, as the run writes its own there, and said so."""
     older = [name for name in RUN_FILES if (folder.path / name).exists()]
     if not older:
         return
@@ -187,6 +230,11 @@ def _move_older_run_aside(folder: RunFolder) -> None:
     target.mkdir(parents=True)
     for name in older:
         os.replace(folder.path / name, target / name)
+    if older == [CONFIG_FILE]:
+        folder.notes.append(f"starting in {folder.path}: its {CONFIG_FILE}, written by no run "
+                            f"(no {LATEST} or {METRICS_FILE} beside it), moved to {target}, "
+                            f"as the run writes its own {CONFIG_FILE}")
+        return
     folder.notes.append(f"starting afresh in {folder.path}: the older run's "
                         f"{', '.join(older)} moved to {target} (--resume continues a run "
                         "instead)")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from ..console import silence_stdout
 from ..files import LOG_FILE, METRICS_FILE, atomic_write_text
 from .trackers import Tracker, scalars
 
@@ -59,6 +60,7 @@ class RunLog:
         self.enabled = enabled
         self.trackers = trackers or []
         self.bar: tqdm | None = None
+        self.console_gone = False  # stdout's reader left (``train ... | head``)
         self._log: TextIO | None = None
         self._metrics: TextIO | None = None
         if not enabled:
@@ -74,13 +76,27 @@ class RunLog:
     def info(self, line: str) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
         assert self._log is not None
         self._log.write(line + "\n")
+        self._console(line)
         self._log.flush()
+
+    def _console(self, line: str) -> None:
+        """The line on the console, unless its reader has gone: then the run goes on,
+        logging to ``train.log`` alone (and says so there)."""
+        if self.console_gone:
+            return
+        try:
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+        except BrokenPipeError:
+            self.console_gone = True
+            silence_stdout()
+            assert self._log is not None
+            self._log.write("note: the console's reader has gone (a closed pipe): training "
+                            f"goes on, logging to {LOG_FILE} only\n")
 
     def metrics(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -70,8 +70,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.
     scaler = precision.scaler
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = parallel.full(nn.utils.clip_grad_norm_(
-        params, grad_clip if grad_clip > 0 else math.inf, foreach=True))
+    grad_norm = parallel.clip_grad_norm(params, grad_clip if grad_clip > 0 else math.inf)
     finite = torch.isfinite(losses[0])
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips on its own when the scaled gradients overflowed

@@ -26,20 +26,30 @@ class Tracker(Protocol):
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
     """A metrics row as flat scalars: per-layer lists become ``name/layer{i}`` and the
-    expert loads ``experts/layer{i}/expert{j}``; ``step`` and missing values are left out."""
+    expert loads ``experts/layer{i}/expert{j}``, ``i`` being the layer's index in the
+    model (``expert_layers``: leading dense layers have no statistics); ``step`` and
+    missing values are left out."""
     out: dict[str, float] = {}
     for key, value in row.items():
-        if key == "step" or value is None or isinstance(value, bool):
+        if key in ("step", "expert_layers") or value is None or isinstance(value, bool):
             continue
         if isinstance(value, int | float):
             out[key] = float(value)
-        elif key == "expert_fractions":
-            out.update({f"experts/layer{i}/expert{j}": float(v)
-                        for i, layer in enumerate(value) for j, v in enumerate(layer)})
         elif isinstance(value, list):
-            out.update({f"{key}/layer{i}": float(v) for i, v in enumerate(value)
-                        if isinstance(v, int | float) and not isinstance(v, bool)})
+            for layer, v in zip(layer_names(row, len(value)), value, strict=True):
+                if key == "expert_fractions":
+                    out.update({f"experts/layer{layer}/expert{j}": float(x)
+                                for j, x in enumerate(v)})
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{key}/layer{layer}"] = float(v)
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def layer_names(row: dict[str, Any], count: int) -> list[int]:
+    """The model's layer index of each of a row's ``count`` per-layer values: its
+    ``expert_layers``, or 0, 1, ... in a row written before those were recorded."""
+    names = row.get("expert_layers")
+    return names if isinstance(names, list) and len(names) == count else list(range(count))
 
 
 class TensorBoard:

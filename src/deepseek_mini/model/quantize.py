@@ -1,0 +1,256 @@
+"""Weight-only quantization for decoding: int8 (per output channel, symmetric) or bf16.
+
+At batch 1 a decoding step reads every active weight once, so its speed is set by how
+many bytes the weights take. ``quantize(model, "int8")`` swaps every matrix the model
+reads for an int8 copy with one scale per output channel (``w ≈ q · s``, ``|q| <= 127``):
+each ``nn.Linear`` (attention projections, shared experts, dense MLPs, MTP projections),
+the stacked routed experts, and the embedding with the LM head (tied: one int8 table
+serves both, a row's scale being the head's output-channel scale). The router (a few
+thousand weights, whose top-k choice is discontinuous) and the norms stay as they are.
+
+Products use PyTorch's own weight-only kernel, ``torch._weight_int8pack_mm``, with bf16
+activations: on a CPU with native bf16 it streams int8 weights at up to 3-6x the rate of
+fp32 ``F.linear`` for a few rows, while with fp32 activations it is 4x *slower* than
+fp32 (BENCHMARKS.md, issue 24). Two measured limits shape ``int8_linear``:
+
+* past ``DEQUANTIZE_ROWS`` rows (a prompt's prefill) casting the int8 matrix to bf16 and
+  running one bf16 GEMM is faster than the int8 kernel;
+* the kernel returns wrong values (or crashes) when the input width is not a multiple of
+  16 (``KERNEL_WIDTH``), so such layers (a 72-wide latent's up-projections) always cast,
+  to fp32.
+
+A routed expert is quantized inside the stacked ``[experts, out, in]`` tensor: the
+sorted (grouped) path runs the kernel once per chosen expert, and the gathered path (a
+compiled step's few slots) indexes only the chosen experts' int8 weights. Nothing ever
+dequantizes every expert. Activations between the products stay in the model's dtype.
+
+``"bf16"`` keeps the same structure with bf16 weights and bf16 products (half the bytes
+of fp32, the CPU's native bf16 GEMM). Checkpoints stay full precision: quantization
+happens on load, in place, in seconds. CPU only: on other devices ``check_device``
+refuses, since the int8 kernel was measured on the CPU alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import UserError
+from .moe import RoutedExperts, activate
+
+MODES = ("int8", "bf16")
+DEQUANTIZE_ROWS = 16  # rows above which a cast + bf16 GEMM beats the int8 kernel
+KERNEL_WIDTH = 16  # _weight_int8pack_mm needs input widths that are multiples of this
+COMPUTE = torch.bfloat16  # activations of the quantized products
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
+
+
+def check_device(device: torch.device | str, mode: str) -> None:
+    """Quantized decoding is measured and supported on the CPU only."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        raise UserError(f"--quantize {mode} runs on the CPU only (its kernels were measured "
+                        f"there); got device {device.type}: drop --quantize or use --device cpu")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of ``weight`` [..., out, in]: ``(q, s)`` with ``q`` int8
+    [..., out, in] and ``s`` bf16 [..., out], so ``q * s ≈ weight``. The scale is rounded
+    to bf16 (the kernel's dtype) *before* ``q`` is computed, so ``q * s`` is exactly the
+    weight the kernel multiplies by."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=-1) / 127).clamp_min(1e-12).to(COMPUTE)
+    q = (w / scale.float().unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale).T`` for ``x`` [..., in], ``q`` int8 [out, in], ``scale`` bf16
+    [out]: the int8 kernel (bf16 in, bf16 out) for a few rows, a cast + bf16 GEMM for
+    many. A width the kernel gets wrong is one of the latent's small up-projections: cast
+    to fp32, since a bf16 GEMM of that size costs 3x fp32's in per-call overhead."""
+    rows = x.reshape(-1, x.shape[-1])
+    if q.shape[-1] % KERNEL_WIDTH:
+        out = F.linear(rows.float(), q.float()) * scale.float()
+    elif rows.shape[0] > DEQUANTIZE_ROWS:
+        out = F.linear(rows.to(COMPUTE), q.to(COMPUTE)) * scale
+    else:
+        out = torch._weight_int8pack_mm(rows.to(COMPUTE).contiguous(), q, scale)
+    return out.view(*x.shape[:-1], q.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """A bias-free ``nn.Linear`` with int8 weights [out, in] and bf16 scales [out]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> Int8Linear:
+        return cls(*quantize_rows(weight))
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.q, self.scale).to(x.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
+        a plain linear (latent_rope's absorbed decoding), on a small matrix."""
+        return self.q.to(dtype) * self.scale.to(dtype).unsqueeze(-1)
+
+
+class Bf16Linear(nn.Module):
+    """A bias-free ``nn.Linear`` with bf16 weights, computed in bf16."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(COMPUTE).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(COMPUTE), self.weight).to(x.dtype)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Embedding rows from an int8 table with a scale per row (or from a bf16 table,
+    ``scale`` None), returned in the model's activation ``dtype``."""
+
+    def __init__(self, table: torch.Tensor, scale: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.register_buffer("scale", scale)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.table).to(self.dtype)
+        if self.scale is None:
+            return rows
+        return rows * F.embedding(ids, self.scale.unsqueeze(-1)).to(self.dtype)
+
+
+class Int8Experts(nn.Module):
+    """``RoutedExperts`` with each projection as int8 [experts, out, in] and bf16 scales
+    [experts, out]; the same two entry points (sorted rows with counts, or gathered)."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        super().__init__()
+        self.has_gate = experts.w_gate is not None
+        for name in ("w_up", "w_gate", "w_down"):
+            weight = getattr(experts, name)  # [experts, in, out]
+            q = scale = None
+            if weight is not None:
+                q, scale = quantize_rows(weight.transpose(1, 2))
+            self.register_buffer(f"{name}_q", q)
+            self.register_buffer(f"{name}_scale", scale)
+
+    served_counts = RoutedExperts.served_counts  # one process's own tokens
+
+    def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        gate = (int8_linear(rows, self.w_gate_q[e], self.w_gate_scale[e])
+                if self.has_gate else None)
+        hidden = activate(int8_linear(rows, self.w_up_q[e], self.w_up_scale[e]), gate)
+        return int8_linear(hidden, self.w_down_q[e], self.w_down_scale[e])
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e: one pass per
+        expert that has rows (reading the counts is this path's one host sync)."""
+        chunks = x.to(COMPUTE).split(counts.tolist())
+        outs = [self._expert(rows, e) for e, rows in enumerate(chunks) if rows.shape[0]]
+        return torch.cat(outs).to(x.dtype) if outs else x.new_empty(x.shape)
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Row ``i`` of ``x`` through expert ``experts[i]``: batched products over the
+        chosen experts' int8 weights, gathered by index (never all experts'), the scale
+        applied to the products."""
+        def product(rows: torch.Tensor, name: str) -> torch.Tensor:
+            q = getattr(self, f"{name}_q")[experts]           # [S, out, in] int8
+            out = torch.bmm(q.to(COMPUTE), rows.unsqueeze(-1)).squeeze(-1)
+            return out * getattr(self, f"{name}_scale")[experts]
+
+        rows = x.to(COMPUTE)
+        gate = product(rows, "w_gate") if self.has_gate else None
+        return product(activate(product(rows, "w_up"), gate), "w_down").to(x.dtype)
+
+
+class Bf16Experts(nn.Module):
+    """``RoutedExperts`` in bf16 (the grouped product of moe.py, in bf16), fed and
+    returning the model's activation dtype."""
+
+    def __init__(self, experts: RoutedExperts) -> None:
+        super().__init__()
+        for name in ("w_up", "w_gate", "w_down"):
+            weight = getattr(experts, name)
+            self.register_buffer(name, None if weight is None else weight.detach().to(COMPUTE))
+
+    served_counts = RoutedExperts.served_counts
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return RoutedExperts.forward(self, x.to(COMPUTE), counts).to(x.dtype)
+
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return RoutedExperts.gathered(self, x.to(COMPUTE), experts).to(x.dtype)
+
+
+def _linear(weight: torch.Tensor, mode: str) -> nn.Module:
+    return Int8Linear.from_weight(weight) if mode == "int8" else Bf16Linear(weight)
+
+
+def _embedding_and_head(model: nn.Module, mode: str) -> None:
+    """The embedding and LM head; tied, they share one quantized table."""
+    weight = model.embed.weight
+    dtype = weight.dtype
+    tied = model.lm_head.weight is weight
+    if mode == "int8":
+        q, scale = quantize_rows(weight)
+        model.embed = QuantizedEmbedding(q, scale, dtype)
+        model.lm_head = Int8Linear(q, scale) if tied else _linear(model.lm_head.weight, mode)
+    else:
+        table = weight.detach().to(COMPUTE).contiguous()
+        model.embed = QuantizedEmbedding(table, None, dtype)
+        head = Bf16Linear(model.lm_head.weight)
+        if tied:
+            head.weight = table
+        model.lm_head = head
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, mode: str) -> nn.Module:
+    """Quantize a ``DeepSeekMini`` for decoding, in place, and return it: ``"int8"``
+    (weight-only, per output channel) or ``"bf16"`` weights, as the module docstring says.
+    The model can then generate, serve and be evaluated, but not trained."""
+    check_mode(mode)
+    check_device(model.device, mode)
+    if getattr(model, "quantization", None) is not None:
+        raise UserError(f"the model is already quantized ({model.quantization})")
+    if getattr(model, "head", None) is not None:  # a trimmed head scores gathered rows
+        raise UserError("quantize covers the full LM head only, not a trimmed one "
+                        "(model.head_vocab)")
+    _embedding_and_head(model, mode)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, _linear(child.weight, mode))
+            elif isinstance(child, RoutedExperts):
+                setattr(parent, name, Int8Experts(child) if mode == "int8"
+                        else Bf16Experts(child))
+    model.quantization = mode
+    return model
+
+

@@ -1,0 +1,242 @@
+"""Weight-only quantization (model/quantize.py): int8 layers and experts against fp32
+references within stated tolerances, the gathered expert path against the grouped one,
+a quantized model's cached decoding against its uncached decoding, what ``quantize``
+replaces, quantized CE, and the one-line errors of ``--quantize``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_run import small_config
+from torch import nn
+from torch.nn import functional as F
+
+from deepseek_mini import DeepSeekMini, UserError, generate, load_for_inference, quantize
+from deepseek_mini.cli import main as cli_main
+from deepseek_mini.cli.main import main
+from deepseek_mini.files import atomic_save
+from deepseek_mini.model import quantize as quantize_module
+from deepseek_mini.model.moe import RoutedExperts
+from deepseek_mini.model.quantize import (
+    Int8Experts,
+    Int8Linear,
+    QuantizedEmbedding,
+    check_device,
+    quantize_rows,
+)
+
+V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swiglu",
+      "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_latent_dim": 32,
+      "max_position": 96}
+LAYOUTS = {"seed": {"max_position": 96}, "v3": V3}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float(), ref.detach().float()
+    return float((out - ref).norm() / ref.norm())
+
+
+def lively(model: DeepSeekMini) -> DeepSeekMini:
+    """Weights far from their initial values, so logits are peaked enough for greedy
+    decoding to be decided by the model, not by rounding."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.08 if p.dim() > 1 else 0.1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])  # the int8 kernel up to 16 rows, then a cast
+@pytest.mark.parametrize("width", [64, 72])  # 72: not a multiple of 16, always the cast
+def test_int8_linear_matches_fp32_within_quantization_error(rows, width):
+    """Against fp32 ``F.linear``: relative error under 2% (per-channel int8 rounds each
+    weight by at most 1/254 of its row's largest; bf16 activations add ~0.3%). Against the
+    dequantized weight ``q * s`` it differs only by bf16 rounding (under 1%)."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, width) * 0.05
+    x = torch.randn(3, rows, width)
+    layer = Int8Linear.from_weight(weight)
+    out = layer(x)
+    assert out.shape == (3, rows, 48) and out.dtype == torch.float32
+    assert relative_error(out, F.linear(x, weight)) < 0.02
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert relative_error(out, F.linear(x, q.float() * scale.float()[:, None])) < 0.01
+    torch.testing.assert_close(layer.dequantized(torch.float32), q.float() * scale.float()[:, None])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_int8_experts_match_fp32_experts_and_gathered_equals_grouped(activation):
+    """Sorted rows through each chosen expert's int8 weights match the fp32 experts within
+    3% (two int8 products in a row); the gathered path, which indexes only the chosen
+    experts' int8 weights, gives the grouped path's output within bf16 rounding (1%)."""
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 64, 48, activation)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    chosen = torch.tensor([2, 0, 2, 3, 0, 0, 3, 2, 2])  # expert 1 gets no row
+    x = torch.randn(len(chosen), 64)
+    order = chosen.argsort(stable=True)
+    counts = torch.bincount(chosen, minlength=4)
+    reference = experts(x[order], counts)
+    int8 = Int8Experts(experts)
+    grouped = int8(x[order], counts)
+    assert relative_error(grouped, reference) < 0.03
+    gathered = int8.gathered(x[order], chosen[order])
+    assert relative_error(gathered, grouped) < 0.01
+    assert relative_error(int8.gathered(x, chosen), experts.gathered(x, chosen)) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quantize_replaces_every_matrix_but_the_router(mode):
+    model = DeepSeekMini(small_config(**V3, mtp_depth=1).model)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    routers = [layer.moe.router.weight for layer in model.layers]
+    assert quantize(model, mode) is model
+    kinds = {type(m) for m in model.modules()}
+    assert not kinds & {nn.Linear, nn.Embedding, RoutedExperts}
+    assert isinstance(model.embed, QuantizedEmbedding)
+    table = model.embed.table
+    assert (model.lm_head.q if mode == "int8" else model.lm_head.weight) is table  # tied, once
+    assert [layer.moe.router.weight for layer in model.layers] == routers
+    stored = {t.data_ptr(): t.numel() * t.element_size()
+              for t in [*model.parameters(), *model.buffers()]}
+    assert sum(stored.values()) < float_bytes * (0.3 if mode == "int8" else 0.55)
+    assert model.dtype == torch.float32 and model.new_cache(1, 4).latents.dtype == torch.float32
+    with pytest.raises(UserError, match="already quantized"):
+        quantize(model, mode)
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_quantized_cached_decoding_equals_uncached(layout, mode):
+    """Greedy tokens of the latent cache (absorbed for latent_rope) equal full recomputation
+    of the same quantized model, batch 2 with left padding; each step's logits agree within
+    0.05 (bf16 activations, and the cast GEMM where the prefill has many rows); and the
+    quantized model stays close to its fp32 original (logits within 5% relative)."""
+    torch.manual_seed(0)
+    fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model))
+    model = quantize(copy.deepcopy(fp32), mode)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    cached = generate(model, ids, max_new_tokens=24, attention_mask=mask)
+    assert torch.equal(cached, generate(model, ids, max_new_tokens=24, attention_mask=mask,
+                                        use_cache=False))
+    with torch.inference_mode():
+        full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long)], 1)
+        positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        full = model(cached, positions=positions, attention_mask=full_mask).logits
+        cache = model.new_cache(2, cached.shape[1])
+        steps = [model(cached[:, :20], cache=cache, positions=positions[:, :20],
+                       attention_mask=mask).logits[:, -1]]
+        for t in range(20, cached.shape[1] - 1):
+            steps.append(model(cached[:, t:t + 1], cache=cache,
+                               positions=positions[:, t:t + 1]).logits[:, -1])
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 19:-1], atol=0.05, rtol=0)
+        reference = fp32(cached, positions=positions, attention_mask=full_mask).logits
+        assert relative_error(full[:, 2:], reference[:, 2:]) < 0.05
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quantized_cross_entropy_is_that_of_its_logits(mode):
+    """With targets, a quantized head's CE (chunked through the head module) is the CE of
+    the logits it produces, MTP's included."""
+    model = quantize(lively(DeepSeekMini(small_config(mtp_depth=1).model)), mode)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    with torch.inference_mode():
+        out = model(ids, targets=targets)
+        expected = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(out.ce, expected, atol=1e-5, rtol=0)
+    assert torch.isfinite(out.mtp_ce)
+
+
+def test_unknown_mode_and_unsupported_device_are_one_line_errors():
+    model = DeepSeekMini(small_config().model)
+    with pytest.raises(UserError, match=r"^unknown quantization 'int4': choose one of int8, "
+                                        r"bf16$"):
+        quantize(model, "int4")
+    with pytest.raises(UserError, match="runs on the CPU only") as err:
+        check_device("cuda", "int8")
+    assert "\n" not in str(err.value)
+    assert cli_main.QUANTIZE_MODES == quantize_module.MODES
+    trimmed = DeepSeekMini(small_config(head_vocab=16).model)
+    with pytest.raises(UserError, match="not a trimmed one"):
+        quantize(trimmed, "int8")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, smollm2_tokenizer):
+    cfg = small_config(vocab_size=49152)
+    cfg.data.tokenizer = str(smollm2_tokenizer.path)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    atomic_save({"model": DeepSeekMini(cfg.model).state_dict(), "config": cfg.to_dict()}, path)
+    return path
+
+
+def test_load_for_inference_quantizes_and_the_file_stays_full_precision(checkpoint):
+    before = checkpoint.read_bytes()
+    model, _, _ = load_for_inference(checkpoint, quantize="int8")
+    assert model.quantization == "int8" and isinstance(model.lm_head, Int8Linear)
+    assert checkpoint.read_bytes() == before
+
+
+def test_cli_generates_and_evaluates_quantized(checkpoint, capsys, tmp_path):
+    args = ["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "5",
+            "--temperature", "0", "--prompt", "Once upon a time"]
+    assert main([*args, "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time\n")
+    assert main([*args, "--quantize", "int8", "--no-cache"]) == 0
+    assert capsys.readouterr().out == out
+    data = tmp_path / "held.txt"
+    data.write_text("Tom had a red ball.\n<|endoftext|>\nThe cat sat on the mat.\n")
+    ces = {}
+    for mode in (None, "int8", "bf16"):
+        extra = ["--quantize", mode] if mode else []
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--json",
+                     "--seq-len", "32",
+                     *extra]) == 0
+        ces[mode] = float(capsys.readouterr().out.split('"ce": ')[1].split(",")[0])
+    assert abs(ces["int8"] - ces[None]) < 0.01 and abs(ces["bf16"] - ces[None]) < 0.01
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--checkpoint", "x.pt", "--quantize", "int4"],
+     "argument --quantize: invalid choice: 'int4'"),
+    (["eval", "--hf-model", "smollm2", "--data", "x.txt", "--quantize", "int8"],
+     "--quantize applies to a deepseek-mini --checkpoint"),
+])
+def test_cli_quantize_errors_are_one_line(argv, message, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval"])
+def test_cli_refuses_quantize_off_the_cpu_in_one_line(command, checkpoint, capsys,
+                                                      monkeypatch, tmp_path):
+    """A machine without CUDA cannot ask for it; a CUDA device is stood in for where each
+    command resolves its device."""
+    module = __import__(f"deepseek_mini.cli.{command}", fromlist=["resolve_device"])
+    monkeypatch.setattr(module, "resolve_device", lambda *a: torch.device("cuda"))
+    monkeypatch.setattr(module, "use_threads", lambda *a: None)
+    if command == "serve":
+        monkeypatch.setattr(module, "check_installed", lambda: None)
+    data = tmp_path / "held.txt"
+    data.write_text("Tom had a red ball.\n")
+    extra = ["--data", str(data)] if command == "eval" else []
+    assert main([command, "--checkpoint", str(checkpoint), "--quantize", "int8", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --quantize int8 runs on the CPU only (its kernels were measured "
+                   "there); got device cuda: drop --quantize or use --device cpu\n")
