@@ -89,8 +89,10 @@ def test_trainable_mtp_gives_muon_only_the_mtp_matrices():
     assert "mtp.0.proj.weight" in muon and "mtp.0.layer.moe.router.weight" in adamw
 
 
-def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without_copies():
-    cfg = small("model.expert_activation=swiglu")
+@pytest.mark.parametrize("ns_steps", [5, 2])
+def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without_copies(
+        ns_steps):
+    cfg = small("model.expert_activation=swiglu", f"train.muon_ns_steps={ns_steps}")
     torch.manual_seed(0)
     model = DeepSeekMini(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
@@ -100,7 +102,8 @@ def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without
     refs = [[torch.nn.Parameter(w.detach()[e].T.contiguous()) for e in range(w.shape[0])]
             for w in stacked]
     reference = torch.optim.Muon([p for ps in refs for p in ps], lr=0.01, weight_decay=0.1,
-                                 momentum=0.95, adjust_lr_fn="match_rms_adamw")
+                                 momentum=0.95, adjust_lr_fn="match_rms_adamw",
+                                 ns_steps=ns_steps)
     views = {storage(w): [] for w in stacked}
     for g in optimizer.muon.param_groups:
         for p in g["params"]:
@@ -162,6 +165,29 @@ def test_the_schedule_scales_muon_by_the_same_factor():
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs[:2] == pytest.approx([0.002 * 2 / 4] * 2)
     assert lrs[2:] == pytest.approx([0.02 * 2 / 4])
+
+
+def test_a_loaded_state_keeps_this_runs_muon_settings_and_the_saved_moments():
+    cfg = small()
+    torch.manual_seed(0)
+    model = DeepSeekMini(cfg.model)
+    saved = build_optimizer(model, cfg.train)
+    train_step(model, saved, random_batch(4, 16, 128), 4, 1.0, setup_precision(cfg.train))
+    changed = small("train.muon_ns_steps=3", "train.muon_momentum=0.9",
+                    "train.muon_adjust_lr=original")
+    resumed = build_optimizer(model, changed.train)
+    resumed.load_state_dict(copy.deepcopy(saved.state_dict()))
+    group = resumed.muon.param_groups[0]
+    assert (group["ns_steps"], group["momentum"], group["adjust_lr_fn"]) == (3, 0.9, "original")
+    for p, q in zip(saved.muon.param_groups[0]["params"], group["params"], strict=True):
+        assert torch.equal(saved.muon.state[p]["momentum_buffer"],
+                           resumed.muon.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("steps", [0, 100])
+def test_newton_schulz_steps_outside_torchs_range_are_a_config_error(steps):
+    with pytest.raises(UserError, match=f"train.muon_ns_steps must be in 1..99, got {steps}"):
+        small(f"train.muon_ns_steps={steps}")
 
 
 @pytest.fixture(scope="module")

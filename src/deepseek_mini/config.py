@@ -198,6 +198,7 @@ class TrainConfig:
     muon_lr: float | None = None  # Muon's base lr; None: train.lr
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw | original (torch.optim.Muon's)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch's default)
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
     decay_fraction: float = 0.2  # wsd: the share of the schedule's steps spent decaying
 
@@ -216,6 +217,8 @@ class TrainConfig:
                       "mtp_loss_weight")
         if self.muon_lr is not None:
             _non_negative(self, "muon_lr")
+        if not 1 <= self.muon_ns_steps < 100:  # torch.optim.Muon's own bound
+            raise ConfigError(f"train.muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
         if not 0.0 <= self.muon_momentum < 1.0:
             raise ConfigError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not 0.0 < self.decay_fraction <= 1.0:

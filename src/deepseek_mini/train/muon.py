@@ -31,6 +31,7 @@ from ..model.moe import RoutedExperts
 from ..model.router import SigmoidRouter, SoftmaxRouter
 
 ROUTERS = (SoftmaxRouter, SigmoidRouter)
+MUON_SETTINGS = ("momentum", "ns_steps", "adjust_lr_fn")  # train.muon_* in Muon's groups
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter],
@@ -71,14 +72,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, matrices: list[nn.Parameter], experts: list[nn.Parameter],
                  adamw_groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float],
                  muon_lr: float, weight_decay: float, momentum: float,
-                 adjust_lr_fn: str) -> None:
+                 adjust_lr_fn: str, ns_steps: int = 5) -> None:
         # No Optimizer.__init__: the groups and state are the two optimizers' own.
         self.defaults: dict[str, Any] = {}
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=True)
         self._experts = [(w, expert_views(w)) for w in experts]
         views = [v for _, vs in self._experts for v in vs]
         self.muon = torch.optim.Muon(matrices + views, lr=muon_lr, weight_decay=weight_decay,
-                                     momentum=momentum, adjust_lr_fn=adjust_lr_fn)
+                                     momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+                                     ns_steps=ns_steps)
         self._owners = matrices + experts  # the tensors Muon writes
         for p in matrices + views:  # as Muon would make them on its first step
             self.muon.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -145,8 +147,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Both states; Muon's groups keep this run's ``train.muon_*`` settings
+        (momentum, Newton-Schulz steps, lr adjustment), which ``Optimizer.load_state_dict``
+        would replace by the saved ones: one changed on resume takes effect, as the resume
+        lists it. The learning rate is the schedule's to restore; weight decay is saved,
+        as AdamW's is."""
         self.adamw.load_state_dict(state_dict["adamw"])
+        settings = [{k: g[k] for k in MUON_SETTINGS} for g in self.muon.param_groups]
         self.muon.load_state_dict(state_dict["muon"])
+        for group, own in zip(self.muon.param_groups, settings, strict=True):
+            group.update(own)
 
     def base_lrs(self, lr: float, muon_lr: float) -> list[float]:
         """Each group's un-scheduled learning rate, in ``param_groups`` order."""

@@ -45,7 +45,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     matrices, experts, rest = muon_split(model)
     return MuonWithAdamW(matrices, experts, _adamw_groups(rest, cfg.weight_decay), lr=cfg.lr,
                          betas=betas, muon_lr=cfg.muon_base_lr, weight_decay=cfg.weight_decay,
-                         momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr)
+                         momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr,
+                         ns_steps=cfg.muon_ns_steps)
 
 
 def base_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[float]:
