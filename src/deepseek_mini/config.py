@@ -150,9 +150,11 @@ class DataConfig:
     demo_stories: int = 20000
     num_workers: int = 2
     max_documents: int | None = None  # stop after this many documents (bounds a Hub download)
+    windows: str = "grid"  # grid (a seeded shifted grid) | documents (from document starts)
 
     def validate(self) -> None:
         _one_of(self, "source", ("tinystories-instruct", "demo", "files"))
+        _one_of(self, "windows", ("grid", "documents"))
         _positive(self, "seq_len", "demo_stories", "num_workers")
         if self.max_documents is not None:
             _positive(self, "max_documents")
@@ -192,17 +194,43 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)  # tensorboard | wandb
     mtp_loss_weight: float = 0.3  # weight of the mean MTP CE in the loss
     trainable: str = "all"  # all | mtp (only the MTP modules, on a frozen model)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW the rest)
+    muon_lr: float | None = None  # Muon's base lr; None: train.lr
+    muon_momentum: float = 0.95
+    muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw | original (torch.optim.Muon's)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch's default)
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
+    decay_fraction: float = 0.2  # wsd: the share of the schedule's steps spent decaying
 
     def validate(self) -> None:
         _one_of(self, "device", ("auto", "cpu", "cuda"))
         _one_of(self, "precision", ("auto", "fp16", "bf16", "fp32"))
         _one_of(self, "parallel", ("none", "ddp", "fsdp"))
         _one_of(self, "trainable", ("all", "mtp"))
+        _one_of(self, "optimizer", ("adamw", "muon"))
+        _one_of(self, "muon_adjust_lr", ("match_rms_adamw", "original"))
+        _one_of(self, "schedule", ("cosine", "wsd"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval",
                   "expert_parallel")
         _non_negative(self, "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip",
                       "mtp_loss_weight")
+        if self.muon_lr is not None:
+            _non_negative(self, "muon_lr")
+        if not 1 <= self.muon_ns_steps < 100:  # torch.optim.Muon's own bound
+            raise ConfigError(f"train.muon_ns_steps must be in 1..99, got {self.muon_ns_steps}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got "
+                              f"{self.decay_fraction}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer muon is not supported with train.parallel=fsdp: "
+                              "use train.parallel=ddp, or train.optimizer=adamw")
+        if self.optimizer == "muon" and self.expert_parallel > 1:
+            raise ConfigError("train.optimizer muon is not supported with "
+                              f"train.expert_parallel={self.expert_parallel}: use "
+                              "train.expert_parallel=1 (ddp), or train.optimizer=adamw")
         for key in ("threads", "decay_steps"):
             if getattr(self, key) is not None:
                 _positive(self, key)
@@ -219,8 +247,12 @@ class TrainConfig:
 
     @property
     def schedule_steps(self) -> int:
-        """The step at which the cosine reaches ``min_lr`` (flat after it)."""
+        """The step at which the schedule reaches ``min_lr`` (flat after it)."""
         return self.max_steps if self.decay_steps is None else self.decay_steps
+
+    @property
+    def muon_base_lr(self) -> float:
+        return self.lr if self.muon_lr is None else self.muon_lr
 
     @property
     def grad_accum_steps(self) -> int:

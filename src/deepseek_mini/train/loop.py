@@ -2,7 +2,7 @@
 
 One optimizer step takes the global batch of ``train.batch_size`` sequences from the
 seeded sampler, splits it into micro batches for gradient accumulation, clips the
-gradient norm and steps AdamW on the warm-up + cosine schedule. Losses and statistics
+gradient norm and steps the optimizer (train.optimizer) on its schedule. Losses and statistics
 stay on the device between log lines, so the host waits on the device only when it
 prints. Everything a run depends on (weights, optimizer, schedule, scaler, sampler
 position, random generators, log window, counters) is in ``latest.pt``, so ``--resume``
@@ -28,7 +28,8 @@ import torch
 from ..allocator import keep_freed_memory
 from ..config import Config
 from ..data.instruct import sample_prompt
-from ..data.tokens import BatchSampler, prepare_data, val_batches
+from ..data.tokens import prepare_data, val_batches
+from ..data.windows import make_sampler
 from ..errors import UserError
 from ..evaluation import deepseek_forward, score
 from ..expert_usage import CollapseWatch, ExpertUsage
@@ -123,7 +124,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     optimizer = build_optimizer(model, cfg.train)
     run = Run(cfg, parallel, precision, model, train_model, optimizer,
               build_scheduler(optimizer, cfg.train),
-              BatchSampler(data.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed),
+              make_sampler(data.train, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                           data.tokenizer.eos_id),
               LogWindow.zeros(precision.device), CollapseWatch())
     if ckpt is not None:
         run.load_state_dict(ckpt, out_dir / LATEST)
@@ -242,7 +244,7 @@ def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[
                  + (f"; changed settings: {'; '.join(changes)}" if changes else
                     "; settings as saved"))
         if cfg.train.schedule_steps != cfg.train.max_steps:
-            log.info(f"learning rate: the cosine reaches min_lr at step "
+            log.info(f"learning rate: the {cfg.train.schedule} schedule reaches min_lr at step "
                      f"{cfg.train.schedule_steps} (train.decay_steps), then stays at "
                      f"{cfg.train.min_lr:g} to step {cfg.train.max_steps}")
     if run.precision.device.type == "cpu" and not user_chose_threads(cfg.train.threads):

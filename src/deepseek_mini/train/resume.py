@@ -3,7 +3,9 @@
 A resume continues the run that was started: the settings that make it that run (the
 model, the data and how it is split and tokenized, the seed) stay as they were unless
 the user says ``--allow-changes``; schedule, logging and checkpoint settings may change,
-and every change is listed. The model can never change: the weights would not fit.
+and every change is listed. The model can never change: the weights would not fit; nor
+can ``train.optimizer``: the saved optimizer state would not fit (a warm start from the
+checkpoint keeps the weights with a fresh optimizer).
 
 Raising (or lowering) ``train.max_steps`` on resume does not re-stretch the cosine: the
 decay keeps the horizon the run started with (``train.decay_steps``) and the steps past
@@ -45,12 +47,22 @@ def run_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str
 def check_changes(saved: dict[str, Any], cfg: Config, allow_changes: bool) -> list[str]:
     """Every change from the saved config, listed; a change of what the run is raises
     unless ``allow_changes``."""
+    _check_optimizer(saved, cfg)
     identity, other = run_changes(saved, cfg)
     if identity and not allow_changes:
         raise UserError(f"--resume would change what the run is: {'; '.join(identity)} "
                         "(drop these settings to continue the run as it was, or pass "
                         "--allow-changes)")
     return identity + other
+
+
+def _check_optimizer(saved: dict[str, Any], cfg: Config) -> None:
+    old = saved.get("train", {}).get("optimizer", "adamw")
+    if old != cfg.train.optimizer:
+        raise UserError(f"--resume cannot change train.optimizer ({old} -> "
+                        f"{cfg.train.optimizer}): the checkpoint holds {old}'s state; to go on "
+                        f"from its weights with {cfg.train.optimizer}, start a new run with "
+                        "train.warm_start=PATH/latest.pt")
 
 
 def keep_schedule(saved: dict[str, Any], cfg: Config) -> Config:

@@ -39,6 +39,8 @@ from ..interop.warm_start import warm_start_model
 from ..model.transformer import DeepSeekMini, load_weights
 from .distributed import Parallel, Ranks
 from .log_window import LogWindow
+from .muon import MuonWithAdamW
+from .optim import base_lrs
 from .precision import Precision
 
 
@@ -51,7 +53,7 @@ class Run:
     precision: Precision
     model: DeepSeekMini
     train_model: nn.Module
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     sampler: Any
     window: LogWindow
@@ -128,16 +130,16 @@ class Run:
         self.elapsed_before = ckpt["elapsed_s"]
 
     def _follow_config_lr(self) -> None:
-        """The loaded schedule takes the config's ``lr``: LambdaLR restores the base
-        rates it saved, which would ignore an ``lr`` changed on resume. The same product
-        LambdaLR computes, so an unchanged config resumes bit for bit."""
-        lr = self.cfg.train.lr
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        """The loaded schedule takes the config's ``lr`` (and ``muon_lr``): LambdaLR
+        restores the base rates it saved, which would ignore a rate changed on resume.
+        The same product LambdaLR computes, so an unchanged config resumes bit for bit."""
+        self.scheduler.base_lrs = base_lrs(self.optimizer, self.cfg.train)
         rates = [base * fn(self.scheduler.last_epoch)
                  for base, fn in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas,
                                      strict=True)]
-        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
-            group["initial_lr"], group["lr"] = lr, rate
+        for group, base, rate in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                     rates, strict=True):
+            group["initial_lr"], group["lr"] = base, rate
         self.scheduler._last_lr = rates
 
 
@@ -175,8 +177,20 @@ def check_training_state(ckpt: dict[str, Any], model: DeepSeekMini,
             for k in ("epoch", "position")):
         raise damaged("its sampler state has no epoch and position counts")
     names = {id(p): name for name, p in model.named_parameters()}
-    _check_optimizer_state(ckpt["optimizer"], optimizer, damaged,
-                           lambda p: full.get(names.get(id(p), ""), tuple(p.shape)))
+    for state, part in _optimizer_parts(ckpt["optimizer"], optimizer, damaged):
+        _check_optimizer_state(state, part, damaged,
+                               lambda p: full.get(names.get(id(p), ""), tuple(p.shape)))
+
+
+def _optimizer_parts(state: Any, optimizer: torch.optim.Optimizer, damaged
+                     ) -> list[tuple[Any, torch.optim.Optimizer]]:
+    """(saved state, optimizer) pairs to check: Muon-with-AdamW saves its two optimizers'
+    states side by side (its expert views have no name: their shape is their own)."""
+    if not isinstance(optimizer, MuonWithAdamW):
+        return [(state, optimizer)]
+    if not isinstance(state, dict) or set(state) != {"adamw", "muon"}:
+        raise damaged("its optimizer state is not Muon-with-AdamW's (adamw and muon parts)")
+    return [(state["adamw"], optimizer.adamw), (state["muon"], optimizer.muon)]
 
 
 def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, damaged,

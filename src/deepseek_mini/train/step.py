@@ -1,4 +1,4 @@
-"""One optimizer step: micro batches with gradient accumulation, clipping, AdamW.
+"""One optimizer step: micro batches with gradient accumulation, clipping, the update.
 
 Nothing here waits on the device: the losses, the gradient norm and whether the step was
 finite come back as device tensors, read only at log intervals.
@@ -50,16 +50,16 @@ def accumulate_gradients(model: nn.Module, batch: torch.Tensor, micro_batch_size
     return losses / len(micro), loads
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tensor,
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
                micro_batch_size: int, grad_clip: float, precision: Precision,
                parallel: Parallel | None = None, mtp_loss_weight: float = 0.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step. Returns the step's (loss, ce, aux, balance, z, grad norm,
     mtp_ce) (mtp_ce last, so a log window saved before it existed still lines up) and
     whether it was finite, both on the device, without waiting for it: a non-finite step
-    is skipped by the fused kernel itself and leaves weights and optimizer state as they
-    were. Under ``parallel`` the losses are the mean over ranks, so every rank logs and
-    skips alike.
+    is skipped by the optimizer itself (the fused AdamW kernel, or muon.py's selects) and
+    leaves weights and optimizer state as they were. Under ``parallel`` the losses are the
+    mean over ranks, so every rank logs and skips alike.
 
     After the step, DeepSeek-V3's sigmoid routers move their expert biases by the step's
     expert loads, summed over ranks so that every rank's biases stay equal (router.py)."""
@@ -76,7 +76,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.AdamW, batch: torch.Tens
         scaler.step(optimizer)  # skips on its own when the scaled gradients overflowed
     else:
         finite = finite & torch.isfinite(grad_norm)
-        optimizer.found_inf = (~finite).float()  # read by the fused AdamW kernel
+        optimizer.found_inf = (~finite).float()  # read by the optimizer's step
         optimizer.step()
         del optimizer.found_inf
     routers = sigmoid_routers(model)

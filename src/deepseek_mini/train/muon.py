@@ -1,0 +1,167 @@
+"""Muon for the hidden weight matrices, fused AdamW for the rest, as one optimizer.
+
+Muon (``torch.optim.Muon``, PyTorch's own update and Newton-Schulz) orthogonalises each
+hidden matrix's momentum; it is meant for the matrices inside the blocks only. The
+embedding and the (tied) output head, the routers (whose rows score experts, not a
+hidden map), the norm gains and anything else stay on AdamW.
+
+The stacked expert weights ``[E, in, out]`` are ``E`` matrices, orthogonalised one by
+one: each expert is handed to Muon as a view ``weight[e].T`` (the ``[out, in]`` layout
+of ``nn.Linear``, so Muon's shape-dependent lr scale treats it as it treats the dense
+MLP) whose ``.grad`` is the same view of the stacked gradient, re-pointed by a hook
+after every accumulation. Nothing is copied: Muon writes the expert rows in place.
+
+To the rest of the code the pair is one ``torch.optim.Optimizer``: ``param_groups``
+(AdamW's, then Muon's) is what the GradScaler unscales, the gradient norm is clipped
+over and the LR schedule scales; ``state_dict`` holds both states. A step skipped for a
+non-finite loss or gradient (``found_inf``, set by the trainer or the GradScaler) is
+skipped by both without a host sync: the fused AdamW kernel reads the flag itself, and
+Muon's update is made a no-op on the device (its gradient replaced by its momentum,
+which the momentum update then leaves as it was, and its weights restored from a copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model.moe import RoutedExperts
+from ..model.router import SigmoidRouter, SoftmaxRouter
+
+ROUTERS = (SoftmaxRouter, SigmoidRouter)
+MUON_SETTINGS = ("momentum", "ns_steps", "adjust_lr_fn")  # train.muon_* in Muon's groups
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter],
+                                          list[nn.Parameter]]:
+    """The trainable parameters as (hidden 2-D matrices, stacked 3-D expert weights, the
+    rest for AdamW). Hidden means inside a decoder layer or an MTP module."""
+    routers = {id(p) for m in model.modules() if isinstance(m, ROUTERS)
+               for p in m.parameters()}
+    stacked = {id(p) for m in model.modules() if isinstance(m, RoutedExperts)
+               for p in m.parameters()}
+    blocks = [model.layers, *([model.mtp] if hasattr(model, "mtp") else [])]
+    hidden = {id(p) for block in blocks for p in block.parameters()}
+    matrices, experts, rest = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in stacked:
+            experts.append(p)
+        elif id(p) in hidden and id(p) not in routers and p.dim() == 2:
+            matrices.append(p)
+        else:
+            rest.append(p)
+    return matrices, experts, rest
+
+
+def expert_views(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Expert ``e``'s matrix of a stacked ``[E, in, out]`` weight as ``[out, in]`` views
+    of its storage (leaves that Muon may own and update in place)."""
+    return [weight.detach()[e].T for e in range(weight.shape[0])]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` over ``matrices`` and per-expert views of ``experts``, fused
+    ``torch.optim.AdamW`` over ``adamw_groups``; one optimizer to its callers."""
+
+    _step_supports_amp_scaling = True  # the GradScaler passes found_inf to step()
+
+    def __init__(self, matrices: list[nn.Parameter], experts: list[nn.Parameter],
+                 adamw_groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float],
+                 muon_lr: float, weight_decay: float, momentum: float,
+                 adjust_lr_fn: str, ns_steps: int = 5) -> None:
+        # No Optimizer.__init__: the groups and state are the two optimizers' own.
+        self.defaults: dict[str, Any] = {}
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=True)
+        self._experts = [(w, expert_views(w)) for w in experts]
+        views = [v for _, vs in self._experts for v in vs]
+        self.muon = torch.optim.Muon(matrices + views, lr=muon_lr, weight_decay=weight_decay,
+                                     momentum=momentum, adjust_lr_fn=adjust_lr_fn,
+                                     ns_steps=ns_steps)
+        self._owners = matrices + experts  # the tensors Muon writes
+        for p in matrices + views:  # as Muon would make them on its first step
+            self.muon.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self._hooks = [w.register_post_accumulate_grad_hook(self._point_grads(vs))
+                       for w, vs in self._experts]
+
+    @staticmethod
+    def _point_grads(views: list[torch.Tensor]):
+        def hook(weight: torch.Tensor) -> None:
+            grads = weight.grad.transpose(1, 2)
+            for e, view in enumerate(views):
+                view.grad = grads[e]
+        return hook
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:
+        return {**self.adamw.state, **self.muon.state}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """Both updates; with ``found_inf`` set and non-zero, neither changes anything."""
+        if closure is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("MuonWithAdamW takes no closure and unscaled gradients "
+                               "(GradScaler.unscale_ before the step)")
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            self.adamw.found_inf = found_inf
+        try:
+            self.adamw.step()
+        finally:
+            self.adamw.__dict__.pop("found_inf", None)
+        if found_inf is None:
+            self.muon.step()
+        else:
+            self._muon_step_unless(found_inf != 0)
+
+    def _muon_step_unless(self, skip: torch.Tensor) -> None:
+        """Muon's step, or (``skip`` true, on the device) no change at all. Skipped, the
+        gradient is replaced by the momentum (whose update ``lerp(buf, buf)`` is then
+        exactly ``buf``) and the weights, moved by a finite update, are put back by a
+        ``lerp`` of weight 1 (exact)."""
+        params = [p for g in self.muon.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            torch.where(skip, self.muon.state[p]["momentum_buffer"], p.grad, out=p.grad)
+        owners = [t for t in self._owners if t.grad is not None]
+        kept = torch._foreach_mul(owners, 1.0)
+        self.muon.step()
+        torch._foreach_lerp_(owners, kept, skip.float())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+        for weight, _ in self._experts:
+            if set_to_none:
+                weight.grad = None
+            elif weight.grad is not None:
+                weight.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Both states; Muon's groups keep this run's ``train.muon_*`` settings
+        (momentum, Newton-Schulz steps, lr adjustment), which ``Optimizer.load_state_dict``
+        would replace by the saved ones: one changed on resume takes effect, as the resume
+        lists it. The learning rate is the schedule's to restore; weight decay is saved,
+        as AdamW's is."""
+        self.adamw.load_state_dict(state_dict["adamw"])
+        settings = [{k: g[k] for k in MUON_SETTINGS} for g in self.muon.param_groups]
+        self.muon.load_state_dict(state_dict["muon"])
+        for group, own in zip(self.muon.param_groups, settings, strict=True):
+            group.update(own)
+
+    def base_lrs(self, lr: float, muon_lr: float) -> list[float]:
+        """Each group's un-scheduled learning rate, in ``param_groups`` order."""
+        return [lr] * len(self.adamw.param_groups) + [muon_lr] * len(self.muon.param_groups)
+
+    def __repr__(self) -> str:
+        return f"MuonWithAdamW({self.muon!r}, {self.adamw!r})"
+

@@ -1,0 +1,250 @@
+"""train.optimizer: muon: which parameters Muon takes, per-expert orthogonalisation of the
+stacked expert weights without copies, the skipped non-finite step, exact resume, and the
+refusals."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_run import TINY_YAML, tiny_overrides
+
+from deepseek_mini import Config, DeepSeekMini, UserError
+from deepseek_mini.checkpoint import load_checkpoint
+from deepseek_mini.cli.main import main
+from deepseek_mini.train.loop import train
+from deepseek_mini.train.muon import MuonWithAdamW
+from deepseek_mini.train.optim import build_optimizer, build_scheduler, set_trainable
+from deepseek_mini.train.precision import setup_precision
+from deepseek_mini.train.step import train_step
+
+SMALL = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=2",
+         "model.vocab_size=128", "model.expert_hidden=24", "model.num_experts=4",
+         "model.kv_latent_dim=16", "train.device=cpu", "train.precision=fp32",
+         "train.optimizer=muon", "train.muon_lr=0.01"]
+
+
+def small(*extra: str) -> Config:
+    return Config.from_yaml(None, [*SMALL, *extra])
+
+
+def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (rows, seq_len + 1), generator=generator)
+
+
+def storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def owners(model: torch.nn.Module, optimizer: MuonWithAdamW) -> tuple[list[str], list[str]]:
+    """The names of the parameters AdamW updates and those Muon updates (a stacked expert
+    weight counts once per expert view of its storage)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_storage = {storage(p): n for n, p in model.named_parameters()}
+    adamw = [names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]]
+    muon = [names.get(id(p)) or by_storage[storage(p)]
+            for g in optimizer.muon.param_groups for p in g["params"]]
+    return adamw, muon
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["model.tie_embeddings=false", "model.expert_activation=swiglu"],
+    ["model.first_k_dense=1", "model.router=sigmoid", "model.attention=latent_rope",
+     "model.q_lora_rank=8", "model.mtp_depth=1"],
+])
+def test_muon_and_adamw_cover_every_trainable_parameter_once(extra):
+    cfg = small(*extra)
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    adamw, muon = owners(model, optimizer)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not set(adamw) & set(muon)
+    assert sorted(set(adamw) | set(muon)) == sorted(trainable)
+    assert len(adamw) == len(set(adamw))
+    experts = cfg.model.num_experts
+    for name, p in model.named_parameters():
+        count = muon.count(name)
+        if p.dim() == 3:
+            assert count == experts, name  # one view per expert
+        elif name in muon:
+            assert count == 1 and p.dim() == 2, name
+    on_adamw = set(adamw)
+    assert "embed.weight" in on_adamw and "norm.weight" in on_adamw
+    assert all(n in on_adamw for n in trainable if "router" in n or "norm" in n)
+    if not cfg.model.tie_embeddings:
+        assert "lm_head.weight" in on_adamw
+    assert all(n in muon for n in trainable
+               if n.endswith(("proj.weight", "up.weight", "down.weight", "w_up", "w_down")))
+
+
+def test_trainable_mtp_gives_muon_only_the_mtp_matrices():
+    cfg = small("model.mtp_depth=1", "train.trainable=mtp")
+    model = DeepSeekMini(cfg.model)
+    set_trainable(model, "mtp")
+    adamw, muon = owners(model, build_optimizer(model, cfg.train))
+    assert muon and all(n.startswith("mtp.") for n in adamw + muon)
+    assert "mtp.0.proj.weight" in muon and "mtp.0.layer.moe.router.weight" in adamw
+
+
+@pytest.mark.parametrize("ns_steps", [5, 2])
+def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without_copies(
+        ns_steps):
+    cfg = small("model.expert_activation=swiglu", f"train.muon_ns_steps={ns_steps}")
+    torch.manual_seed(0)
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    experts = model.layers[0].moe.experts
+    stacked = [experts.w_up, experts.w_gate, experts.w_down]
+    # Reference: each expert's [out, in] matrix as a parameter of its own.
+    refs = [[torch.nn.Parameter(w.detach()[e].T.contiguous()) for e in range(w.shape[0])]
+            for w in stacked]
+    reference = torch.optim.Muon([p for ps in refs for p in ps], lr=0.01, weight_decay=0.1,
+                                 momentum=0.95, adjust_lr_fn="match_rms_adamw",
+                                 ns_steps=ns_steps)
+    views = {storage(w): [] for w in stacked}
+    for g in optimizer.muon.param_groups:
+        for p in g["params"]:
+            views.get(storage(p), []).append(p)
+    for seed in range(3):  # momentum carries over: three steps
+        optimizer.zero_grad()
+        model(random_batch(2, 8, 128, seed)[:, :-1],
+              targets=random_batch(2, 8, 128, seed)[:, 1:]).loss.backward()
+        for w, ps in zip(stacked, refs, strict=True):
+            for e, view in enumerate(views[storage(w)]):
+                assert storage(view.grad) == storage(w.grad)  # a view, not a copy
+                assert view.data_ptr() == w[e].data_ptr()
+                ps[e].grad = w.grad[e].T.contiguous()
+        if seed:  # the trainer's path: a finite step's flag (and none on the first)
+            optimizer.found_inf = torch.zeros(())
+        optimizer.step()
+        optimizer.__dict__.pop("found_inf", None)
+        reference.step()
+        for w, ps in zip(stacked, refs, strict=True):
+            for e in range(w.shape[0]):
+                assert torch.equal(w.detach()[e].T, ps[e].detach()), (e, seed)
+
+
+def test_a_non_finite_step_leaves_weights_and_both_states_unchanged():
+    cfg = small()
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    precision = setup_precision(cfg.train)
+    batch = random_batch(4, 16, 128)
+    train_step(model, optimizer, batch, 4, 1.0, precision)
+    before = copy.deepcopy(model.state_dict())
+    state_before = copy.deepcopy(optimizer.state_dict())
+    with torch.no_grad():
+        model.norm.weight[0] = math.nan
+    stats, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
+    assert not bool(finite) and not math.isfinite(stats[0].item())
+    with torch.no_grad():
+        model.norm.weight[0] = before["norm.weight"][0]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    after = optimizer.state_dict()
+    for part in ("adamw", "muon"):
+        assert after[part]["state"].keys() == state_before[part]["state"].keys()
+        for index, state in after[part]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, state_before[part]["state"][index][key]), (part, key)
+    _, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
+    assert bool(finite)
+    assert not torch.equal(model.layers[0].moe.experts.w_up, before["layers.0.moe.experts.w_up"])
+
+
+def test_the_schedule_scales_muon_by_the_same_factor():
+    cfg = small("train.lr=0.002", "train.muon_lr=0.02", "train.warmup_steps=4")
+    model = DeepSeekMini(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    optimizer.step()  # no gradients yet: nothing moves
+    scheduler.step()
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[:2] == pytest.approx([0.002 * 2 / 4] * 2)
+    assert lrs[2:] == pytest.approx([0.02 * 2 / 4])
+
+
+def test_a_loaded_state_keeps_this_runs_muon_settings_and_the_saved_moments():
+    cfg = small()
+    torch.manual_seed(0)
+    model = DeepSeekMini(cfg.model)
+    saved = build_optimizer(model, cfg.train)
+    train_step(model, saved, random_batch(4, 16, 128), 4, 1.0, setup_precision(cfg.train))
+    changed = small("train.muon_ns_steps=3", "train.muon_momentum=0.9",
+                    "train.muon_adjust_lr=original")
+    resumed = build_optimizer(model, changed.train)
+    resumed.load_state_dict(copy.deepcopy(saved.state_dict()))
+    group = resumed.muon.param_groups[0]
+    assert (group["ns_steps"], group["momentum"], group["adjust_lr_fn"]) == (3, 0.9, "original")
+    for p, q in zip(saved.muon.param_groups[0]["params"], group["params"], strict=True):
+        assert torch.equal(saved.muon.state[p]["momentum_buffer"],
+                           resumed.muon.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("steps", [0, 100])
+def test_newton_schulz_steps_outside_torchs_range_are_a_config_error(steps):
+    with pytest.raises(UserError, match=f"train.muon_ns_steps must be in 1..99, got {steps}"):
+        small(f"train.muon_ns_steps={steps}")
+
+
+@pytest.fixture(scope="module")
+def data_overrides(tmp_path_factory) -> list[str]:
+    return [*tiny_overrides(tmp_path_factory.mktemp("muon-data")), "train.optimizer=muon",
+            "train.muon_lr=0.01"]
+
+
+def run_config(data_overrides: list[str], out, *extra: str) -> Config:
+    return Config.from_yaml(TINY_YAML, [*data_overrides, f"train.out_dir={out}", *extra])
+
+
+def test_resume_with_muon_reproduces_the_uninterrupted_run_exactly(data_overrides, tmp_path):
+    steps = ["train.max_steps=12", "train.save_interval=5"]
+    train(run_config(data_overrides, tmp_path / "straight", *steps))
+    train(run_config(data_overrides, tmp_path / "sliced", *steps), stop_after=6)
+    train(run_config(data_overrides, tmp_path / "sliced", *steps), resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "latest.pt")
+    b = load_checkpoint(tmp_path / "sliced" / "latest.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for part in ("adamw", "muon"):
+        for index, state in a["optimizer"][part]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["optimizer"][part]["state"][index][key])
+    assert a["best_val"] == b["best_val"]
+
+
+def test_resume_refuses_to_change_the_optimizer(data_overrides, tmp_path):
+    train(run_config(data_overrides, tmp_path, "train.max_steps=1"))
+    with pytest.raises(UserError, match=r"cannot change train.optimizer \(muon -> adamw\)"):
+        train(run_config(data_overrides, tmp_path, "train.optimizer=adamw"), resume=True,
+              allow_changes=True)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.parallel=fsdp"], "muon is not supported with train.parallel=fsdp"),
+    (["train.parallel=ddp", "train.expert_parallel=2"],
+     "muon is not supported with train.expert_parallel=2: use train.expert_parallel=1"),
+])
+def test_muon_with_fsdp_or_expert_parallelism_is_one_error_line(extra, message, tmp_path,
+                                                                 capsys):
+    with pytest.raises(UserError, match=message):
+        small(*extra)
+    args = ["train", "--config", str(TINY_YAML), "--set", "train.optimizer=muon",
+            "--set", f"train.out_dir={tmp_path}", *[a for e in extra for a in ("--set", e)]]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_training_only_the_mtp_modules_with_muon_leaves_the_main_model_alone(data_overrides,
+                                                                              tmp_path):
+    train(run_config(data_overrides, tmp_path, "model.mtp_depth=1", "train.trainable=mtp",
+                     "train.max_steps=2"))
+    model = load_checkpoint(tmp_path / "latest.pt")["model"]
+    torch.manual_seed(run_config(data_overrides, tmp_path).train.seed)
+    initial = DeepSeekMini(run_config(data_overrides, tmp_path, "model.mtp_depth=1").model)
+    for name, tensor in initial.state_dict().items():
+        assert torch.equal(model[name], tensor) != name.startswith("mtp."), name
