@@ -263,7 +263,8 @@ def plot(args: argparse.Namespace) -> None:
     if args.target is not None:
         ax.axhline(args.target, color="red", linewidth=0.8, label=f"target {args.target}")
     ax.set_xlabel("CPU-seconds of the training process (user + system)")
-    ax.set_ylabel("held-out CE (nats/token, full vocabulary)")
+    ax.set_ylabel("CE, nats/token over the full vocabulary\n"
+                  "(lines: validation batches; dots: whole held-out split)")
     ax.set_ylim(top=args.ymax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
