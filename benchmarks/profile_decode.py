@@ -19,20 +19,14 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from helpers.profiling import labelled  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini, quantize  # noqa: E402
 from deepseek_mini.inference.generate import decode_one, prefill  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
          "moe.router": "router", "norm": "norms", "lm_head": "LM head", "head": "LM head"}
-
-
-def labelled(fn, part: str):
-    def run(*args, **kwargs):
-        with record_function(f"part: {part}"):
-            return fn(*args, **kwargs)
-    return run
 
 
 def label_modules(model: torch.nn.Module) -> None:

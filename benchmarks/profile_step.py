@@ -21,6 +21,7 @@ from contextlib import contextmanager
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from helpers.profiling import labelled  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
@@ -32,13 +33,6 @@ from deepseek_mini.train.precision import Precision  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
          "moe.router": "router"}
-
-
-def labelled(fn, part: str):
-    def run(*args, **kwargs):
-        with record_function(f"part: {part}"):
-            return fn(*args, **kwargs)
-    return run
 
 
 def label_modules(model: torch.nn.Module) -> None:
