@@ -125,11 +125,11 @@ def main() -> None:
             packs = {name: [CONTENDERS[name][0](w) for w in ws] for name in names}
             for m in args.rows:
                 x = torch.randn(m, k)
-                fp32 = best_time(lambda w: F.linear(x, w), ws)
+                fp32 = best_time(lambda w, x=x: F.linear(x, w), ws)
                 cells = []
                 for name in names:
                     fn = CONTENDERS[name][1]
-                    t = best_time(lambda p: fn(x, p), packs[name])
+                    t = best_time(lambda p, fn=fn, x=x: fn(x, p), packs[name])
                     cells.append(f"{fp32 / t:.2f}x ({error(x, ws[0], packs[name][0], fn):.0e})")
                 print(f"| {model} | {n} x {k} | {m} | {1e3 * fp32 / count:.3f} | "
                       f"{4e-9 * n * k * count / fp32:.1f} | " + " | ".join(cells) + " |",

@@ -383,7 +383,7 @@ def test_compiled_fbgemm_ops_match_the_eager_products():
     torch.manual_seed(0)
     layer = Int8Linear.from_weight(torch.randn(48, 64) * 0.05, "fbgemm")
     x = torch.randn(1, 3, 64)
-    linear, gathered = quantize_module.compiled_fbgemm()
+    linear = quantize_module.fbgemm_linear_op
     torch.testing.assert_close(linear(x, layer.q, layer.scale), layer(x), rtol=0, atol=0)
     copied = copy.deepcopy(layer)
     torch.testing.assert_close(linear(x, copied.q, copied.scale), layer(x), rtol=0, atol=0)

@@ -39,7 +39,7 @@ refuses, since the int8 kernel was measured on the CPU alone.
 
 from __future__ import annotations
 
-import functools
+import os
 import warnings
 import weakref
 
@@ -66,7 +66,8 @@ def best_kernel() -> str:
     return "fbgemm" if fbgemm and not torch.cpu._is_avx512_bf16_supported() else "int8pack"
 
 
-KERNEL = best_kernel()
+# DEEPSEEK_MINI_INT8_KERNEL names another kernel (checked when a model is quantized).
+KERNEL = os.environ.get("DEEPSEEK_MINI_INT8_KERNEL") or best_kernel()
 
 
 def check_mode(mode: str) -> None:
@@ -95,7 +96,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # FBGEMM's packed weights by the address of the int8 matrix they were made from, for the
 # compiled step: torch.compile cannot trace the packed object, so a compiled step calls
-# an opaque op on ``q`` (``compiled_fbgemm``) that finds them here. An entry lives as long
+# an opaque op on ``q`` (``fbgemm_linear_op``) that finds them here. An entry lives as long
 # as the tensor object it was registered with (``owner``), which keeps the address taken.
 _PACKED: dict[int, torch.ScriptObject] = {}
 
@@ -130,44 +131,44 @@ def _registered(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
 _KEPT: list[torch.Tensor] = []
 
 
-@functools.cache
-def compiled_fbgemm() -> tuple[object, object]:
-    """Two opaque ops a compiled step calls instead of the untraceable packed object (made
-    on first use: defining them costs an import of the compiler): ``linear(x, q, scale)``
-    and ``gathered(x, experts, q, scale)`` (row i through expert ``experts[i]``'s
-    [E, out, in] slice; reading the ids is a host sync inside the op)."""
-    @torch.library.custom_op("deepseek_mini::fbgemm_linear", mutates_args=())
-    def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return fbgemm_linear(x, _registered(q, scale)).view(*x.shape[:-1], q.shape[0])
-
-    @linear.register_fake
-    def _(x, q, scale):
-        return x.new_empty(*x.shape[:-1], q.shape[0], dtype=torch.float32)
-
-    @torch.library.custom_op("deepseek_mini::fbgemm_gathered", mutates_args=())
-    def gathered(x: torch.Tensor, experts: torch.Tensor, q: torch.Tensor,
-                 scale: torch.Tensor) -> torch.Tensor:
-        rows = [fbgemm_linear(x[i:i + 1], _registered(q[e], scale[e]))
-                for i, e in enumerate(experts.tolist())]
-        return torch.cat(rows) if rows else x.new_empty(0, q.shape[1])
-
-    @gathered.register_fake
-    def _(x, experts, q, scale):
-        return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
-
-    return linear, gathered
-
-
 def fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
-    """``x @ (q * scale).T`` in fp32 through FBGEMM. The kernel quantizes its whole input
-    with one scale, so several rows are each divided by their largest magnitude first and
-    their outputs multiplied back: each row is quantized as if it were alone, whatever
-    else shares the batch (a lone row, a decoding step's case, skips the two ops)."""
+    """``x @ (q * scale).T`` in fp32 through FBGEMM, as [rows, out]. The kernel quantizes
+    its whole input with one scale, so several rows are each divided by their largest
+    magnitude first and their outputs multiplied back: each row is rounded on its own
+    range, whatever else shares the batch (a lone row, a decoding step's case, skips the
+    two ops)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] == 1:
         return torch.ops.quantized.linear_dynamic(rows, packed, True)
     peak = rows.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     return torch.ops.quantized.linear_dynamic(rows / peak, packed, True) * peak
+
+
+# Two opaque ops a compiled step calls instead of the untraceable packed object (defining
+# them costs milliseconds and imports no compiler): ``fbgemm_linear(x, q, scale)`` and
+# ``fbgemm_gathered(x, experts, q, scale)``, row i through expert ``experts[i]``'s slice
+# of the [E, out, in] ``q`` (reading the ids is a host sync inside the op).
+@torch.library.custom_op("deepseek_mini::fbgemm_linear", mutates_args=())
+def fbgemm_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return fbgemm_linear(x, _registered(q, scale)).view(*x.shape[:-1], q.shape[0])
+
+
+@fbgemm_linear_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("deepseek_mini::fbgemm_gathered", mutates_args=())
+def fbgemm_gathered_op(x: torch.Tensor, experts: torch.Tensor, q: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    rows = [fbgemm_linear(x[i:i + 1], _registered(q[e], scale[e]))
+            for i, e in enumerate(experts.tolist())]
+    return torch.cat(rows) if rows else x.new_empty(0, q.shape[1])
+
+
+@fbgemm_gathered_op.register_fake
+def _(x, experts, q, scale):
+    return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -179,7 +180,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     fp32's in per-call overhead."""
     if packed is not None:
         if torch.compiler.is_compiling():
-            return compiled_fbgemm()[0](x.float(), q, scale)
+            return fbgemm_linear_op(x.float(), q, scale)
         return fbgemm_linear(x, packed).view(*x.shape[:-1], q.shape[0])
     rows = x.reshape(-1, x.shape[-1])
     if q.shape[-1] % KERNEL_WIDTH:
@@ -324,8 +325,8 @@ class Int8Experts(nn.Module):
         (never all experts') and cast, the scale applied to the products."""
         def product(rows: torch.Tensor, name: str) -> torch.Tensor:
             if self.compute == torch.float32:  # fbgemm: the chosen experts' packed weights
-                return compiled_fbgemm()[1](rows, experts, getattr(self, f"{name}_q"),
-                                            getattr(self, f"{name}_scale"))
+                return fbgemm_gathered_op(rows, experts, getattr(self, f"{name}_q"),
+                                          getattr(self, f"{name}_scale"))
             q = getattr(self, f"{name}_q")[experts]           # [S, out, in] int8
             out = torch.bmm(q.to(self.compute), rows.unsqueeze(-1)).squeeze(-1)
             return out * getattr(self, f"{name}_scale")[experts]
