@@ -367,13 +367,12 @@ def test_unknown_int8_kernel_is_a_one_line_error():
         quantize(DeepSeekMini(small_config().model), "int8", "int4pack")
 
 
-@pytest.mark.parametrize(("native_bf16", "kernel"), [(True, "int8pack"), (False, "fbgemm")])
-def test_the_default_kernel_is_the_one_measured_faster_on_the_cpu(monkeypatch, native_bf16,
-                                                                  kernel):
-    """fbgemm where the CPU has no native bf16 (AVX2), int8pack where it has (AVX-512-BF16,
-    AMX), as measured on each."""
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, native_bf16):
+    """int8pack by default with or without native bf16: fbgemm is faster on an AVX2 CPU,
+    but its 7-bit activations cost 0.14 nats on a real model (the notes)."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
-    assert quantize_module.best_kernel() == kernel
+    assert quantize_module.best_kernel() == "int8pack"
 
 
 def test_compiled_fbgemm_ops_match_the_eager_products():

@@ -11,20 +11,21 @@ vector as one quantized [N + 1, h] layer, gathered once (the weights no longer c
 through the head's own logits and cross-entropy. The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
-Products run one of two int8 kernels, chosen per CPU (``KERNEL``) by measurement
-(benchmarks/int8_kernels.py; figures in the notes):
+Products run one of two int8 kernels (``KERNEL``; benchmarks/int8_kernels.py, figures in
+the notes):
 
-* ``"fbgemm"`` (an x86 CPU without native bf16, e.g. AVX2-only): FBGEMM's packed int8
-  GEMM, ``torch.ops.quantized.linear_dynamic``, which quantizes the activations to 8
-  bits on the fly (asymmetric, one scale per call: rows are brought to the same range
-  first, so each row is quantized as if alone) and multiplies int8 by int8. At one row it
-  streams int8 weights at 2-4x fp32 ``F.linear``'s rate on a Zen 3, and past one row it
-  stays 2x fp32 (prefill), where a bf16 GEMM is 7x slower than fp32 there. Any width.
-* ``"int8pack"`` (a CPU with native bf16, e.g. AVX-512-BF16 or AMX): PyTorch's
-  weight-only kernel ``torch._weight_int8pack_mm`` with bf16 activations, 4.5-10x fp32
-  there for a few rows. Past ``DEQUANTIZE_ROWS`` rows (a prompt's prefill) a cast of the
-  int8 matrix to bf16 and one bf16 GEMM is faster; widths that are not a multiple of 16
-  (``KERNEL_WIDTH``: the kernel returns wrong values or crashes) multiply an fp32 copy.
+* ``"int8pack"``, the default: PyTorch's weight-only kernel ``torch._weight_int8pack_mm``
+  with bf16 activations, 4.5-10x fp32 ``F.linear`` for a few rows on a CPU with native
+  bf16 (AVX-512-BF16), 1.4-3.7x on an AVX2-only Zen 3. Past ``DEQUANTIZE_ROWS`` rows (a
+  prompt's prefill) a cast of the int8 matrix to bf16 and one bf16 GEMM is faster; widths
+  that are not a multiple of 16 (``KERNEL_WIDTH``: the kernel returns wrong values or
+  crashes) multiply an fp32 copy. Costs 0.0065 nats on the SmolLM2 warm start.
+* ``"fbgemm"``, opt-in (``DEEPSEEK_MINI_INT8_KERNEL=fbgemm``): FBGEMM's packed int8 GEMM,
+  ``torch.ops.quantized.linear_dynamic``, which also rounds the activations to 7 bits on
+  the fly (one asymmetric range per call; several rows are brought to one range first,
+  so each is rounded on its own). 2-4x fp32 at one row on the Zen 3 and 2x fp32 in
+  prefill, but +0.14 nats on the SmolLM2 warm start: outside the 0.01 that a default
+  must keep, so never chosen by itself.
 
 A routed expert is quantized inside the stacked ``[experts, out, in]`` tensor: the
 sorted (grouped) path runs the kernel once per chosen expert, and the gathered path (a
@@ -59,11 +60,9 @@ KERNELS = ("fbgemm", "int8pack")
 
 
 def best_kernel() -> str:
-    """The int8 kernel measured fastest on this CPU (module docstring): FBGEMM where it is
-    built in and the CPU has no native bf16, PyTorch's int8pack kernel otherwise (where
-    FBGEMM's speed was not measured)."""
-    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    return "fbgemm" if fbgemm and not torch.cpu._is_avx512_bf16_supported() else "int8pack"
+    """The default int8 kernel: int8pack on every CPU. FBGEMM is faster on an AVX2-only
+    CPU but its 7-bit activations cost 0.14 nats on a real model (module docstring)."""
+    return "int8pack"
 
 
 # DEEPSEEK_MINI_INT8_KERNEL names another kernel (checked when a model is quantized).
