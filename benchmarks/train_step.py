@@ -97,12 +97,15 @@ def matmul_peak(dtype: torch.dtype, shapes: set[tuple[int, int]], tokens: int,
     return best, where
 
 
-def build(path: str, overrides: list[str], names: list[str]) -> dict[str, object]:
-    """Every contender named ``impl-ffn-dtype[-compiled]``."""
+def build(path: str, overrides: list[str], baseline: list[str],
+          names: list[str]) -> dict[str, object]:
+    """Every contender named ``impl-ffn-dtype[-compiled|-baseline]`` (``-baseline``: with
+    the ``baseline`` settings on top, eager)."""
     contenders = {}
     for name in names:
         impl, ffn, dtype, *rest = name.split("-")
-        c = variant(path, overrides, ffn, dtype, compiled=bool(rest))
+        extra = baseline if rest == ["baseline"] else []
+        c = variant(path, overrides + extra, ffn, dtype, compiled=rest == ["compiled"])
         torch.manual_seed(0)
         contenders[name] = build_ours(c, name) if impl == "ours" else build_hf(c)
     return contenders
@@ -114,6 +117,8 @@ def contender_names(args: argparse.Namespace) -> list[str]:
         for ffn in args.ffn.split(","):
             for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
                 names.append(f"ours-{ffn}-{dtype}" + ("-compiled" if compiled else ""))
+            if args.baseline:
+                names.append(f"ours-{ffn}-{dtype}-baseline")
         if args.hf:
             names.append(f"hf-moe-{dtype}")
     return names
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", default="fp32", help="fp32, bf16 or both")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"])
     p.add_argument("--hf", action="store_true", help="add transformers' DeepseekV3 (MoE)")
+    p.add_argument("--baseline", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="add each eager contender again with these settings (a before/after "
+                        "pair in one process)")
     p.add_argument("--peak-seconds", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="a tiny config, one round")
     p.add_argument("--json", default=None, help="write the result here")
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"train.micro_batch_size={batch}"]
     cfg = Config.from_yaml(args.config, overrides=overrides)
     names = contender_names(args)
-    contenders = build(args.config, overrides, names)
+    contenders = build(args.config, overrides, args.baseline, names)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1),
                         generator=torch.Generator().manual_seed(0))
     first = {}
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, c in contenders.items():
             times[name].append(timed(c.train_step, ids))
     tokens = batch * seq_len
-    result: dict = {
+    result: dict = {"baseline": args.baseline,
         "cpu": cpu_name(), "threads": args.threads, "load": [round(x, 2) for x in os.getloadavg()],
         "config": args.config, "overrides": overrides, "batch": f"{batch}x{seq_len}",
         "layers": cfg.model.num_layers, "hidden": cfg.model.hidden_size, "rounds": args.steps,
@@ -191,9 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
                 rate[name.replace("-moe-", "-dense-")] / rate[name], 3)
         if name.startswith("ours-moe") and (hf := f"hf-moe-{name.split('-')[2]}") in rate:
             ratios[f"{name} / {hf} (speed)"] = round(rate[name] / rate[hf], 3)
-        if name.endswith("-compiled") and name.removesuffix("-compiled") in rate:
-            ratios[f"{name} / eager (speed)"] = round(
-                rate[name] / rate[name.removesuffix("-compiled")], 3)
+        for suffix, what in (("-compiled", "eager"), ("-baseline", "baseline")):
+            if name.endswith(suffix) and (own := name.removesuffix(suffix)) in rate:
+                key = (f"{name} / {what} (speed)" if suffix == "-compiled"
+                       else f"{own} / baseline (speed)")
+                ratios[key] = round(rate[name] / rate[own] if suffix == "-compiled"
+                                    else rate[own] / rate[name], 3)
     result["ratios"] = ratios  # "moe / dense": the MoE step's cost in dense steps
     print(json.dumps(result, indent=1))
     if args.json:
