@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import resource
 import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from helpers.contenders import _backward_and_step, hf_config  # noqa: E402
+from helpers.step_timing import cpu_name, timed  # noqa: E402
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
 from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
@@ -79,28 +75,6 @@ def transformers_model(cfg: Config) -> dict[str, Step]:
         return run
 
     return {"hf-fp32": step_in("fp32"), "hf-bf16": step_in("bf16")}
-
-
-def timed(step: Step, ids: torch.Tensor) -> tuple[float, float, float, int]:
-    """(wall seconds, process CPU seconds, of which system, minor page faults) of one
-    step: the system share is mostly the kernel handing fresh pages to the allocator."""
-    wall, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    step(ids)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    system = after.ru_stime - before.ru_stime
-    return (time.perf_counter() - wall, after.ru_utime - before.ru_utime + system, system,
-            after.ru_minflt - before.ru_minflt)
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has native bf16 (AVX-512-BF16, AMX)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    found = re.search(r"flags\s*:\s*(.*)", info)
-    flags = set(found.group(1).split()) if found else set()
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    name = model.group(1) if model else platform.machine()
-    return f"{name} ({', '.join(native) or 'no native bf16'})"
 
 
 def main() -> None:

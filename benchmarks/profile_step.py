@@ -3,12 +3,13 @@
     python benchmarks/profile_step.py --config configs/base.yaml --layers 4 --steps 3
     python benchmarks/profile_step.py --layers 6 --threads 1 --precision bf16 --shapes
 
-The step is the trainer's (forward with targets, backward, gradient clipping, the fused
-AdamW of ``optim.build_optimizer``) with ``record_function`` labels around its phases and
-around the forward of the model's parts (attention, router, routed experts, shared expert,
-LM head + cross-entropy), added here by wrapping, not in the model. Prints the operators
-by self time (CPU or CUDA; ``--shapes`` splits them by input shape), then the labelled
-ranges. ``--precision bf16`` runs the forward under bf16 autocast, as the trainer does.
+The step is the trainer's (forward with targets, backward, gradient clipping, the
+config's optimizer from ``optim.build_optimizer``) with ``record_function`` labels around
+its phases and around the forward of the model's parts (attention, router, routed
+experts, shared expert, LM head + cross-entropy), added here by wrapping, not in the
+model. Prints the operators by self time (CPU or CUDA; ``--shapes`` splits them by input
+shape), then the labelled ranges. ``--precision bf16`` runs the forward under bf16
+autocast, as the trainer does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
 from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
-from deepseek_mini.config import TrainConfig  # noqa: E402
 from deepseek_mini.model import transformer as model_module  # noqa: E402
 from deepseek_mini.train.optim import build_optimizer  # noqa: E402
 from deepseek_mini.train.precision import Precision  # noqa: E402
@@ -74,12 +74,13 @@ def main() -> None:
     overrides = list(args.set)
     if args.layers:
         overrides.append(f"model.num_layers={args.layers}")
-    cfg = Config.from_yaml(args.config, overrides=overrides).model
+    config = Config.from_yaml(args.config, overrides=overrides)
+    cfg = config.model
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = DeepSeekMini(cfg).to(device)
     label_modules(model)
-    optimizer = build_optimizer(model, TrainConfig())
+    optimizer = build_optimizer(model, config.train)  # the config's own (Muon for cpu-hour)
     precision = Precision(device, args.precision, torch.amp.GradScaler(enabled=False))
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]

@@ -62,7 +62,9 @@ def build_ours(cfg: Config, name: str = "ours") -> Contender:
     def decode(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0)
 
-    notes = (f"{cfg.model.expert_activation} experts, {precision.describe()}, fused AdamW"
+    optimizer_name = ("fused AdamW" if cfg.train.optimizer == "adamw"
+                      else f"Muon (Newton-Schulz {cfg.train.muon_ns_precision}) + fused AdamW")
+    notes = (f"{cfg.model.expert_activation} experts, {precision.describe()}, {optimizer_name}"
              + (", torch.compile" if cfg.train.compile else ""))
     return Contender(name, model, train_step, decode,
                      flops_per_token(cfg.model, cfg.data.seq_len), notes, precision)

@@ -199,6 +199,9 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw | original (torch.optim.Muon's)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch's default)
+    # Newton-Schulz's number format: auto (bf16 where the device has it natively, as
+    # torch.optim.Muon does; fp32 on a CPU without bf16 instructions) | bf16 | fp32
+    muon_ns_precision: str = "auto"
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
     decay_fraction: float = 0.2  # wsd: the share of the schedule's steps spent decaying
 
@@ -209,6 +212,7 @@ class TrainConfig:
         _one_of(self, "trainable", ("all", "mtp"))
         _one_of(self, "optimizer", ("adamw", "muon"))
         _one_of(self, "muon_adjust_lr", ("match_rms_adamw", "original"))
+        _one_of(self, "muon_ns_precision", ("auto", "bf16", "fp32"))
         _one_of(self, "schedule", ("cosine", "wsd"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval",
