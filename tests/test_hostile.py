@@ -319,7 +319,7 @@ def test_a_checkpoint_of_impossible_sizes_is_refused_before_allocating(checkpoin
 
 
 def test_the_activation_estimate_is_below_what_autograd_keeps(data_overrides):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
     from memory_estimate import saved_bytes
 
     def per_sequence(cfg: Config, layers: int) -> int:  # in 16-bit autocast (the smallest)
