@@ -1,4 +1,4 @@
-"""What a hostile tester broke (issue 26, points 6-10 and 12), each reproduced: closed
+"""What a hostile tester broke, each reproduced: closed
 pipes, crafted checkpoints and training state, files and sizes that cannot work, seeds and
 logits out of range, signals while tokenising, and a new user's smaller finds. Every one
 ends as one ``error:`` line (or quietly), never a traceback."""

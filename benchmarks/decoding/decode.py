@@ -10,6 +10,8 @@ is the 1-minute load average when the reported run started (``--wait-quiet`` wai
 low one).
 
     python benchmarks/decoding/decode.py --config configs/base.yaml --batch 1 8
+
+Fills BENCHMARKS.md, section "Cached decoding".
 """
 
 from __future__ import annotations

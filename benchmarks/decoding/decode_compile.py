@@ -7,6 +7,8 @@ ratio is fair on a shared machine; compilation happens in an untimed warm-up of 
 shapes, and its seconds are reported apart.
 
     python benchmarks/decoding/decode_compile.py --config configs/base.yaml --batch 1 8
+
+Fills BENCHMARKS.md, section "Compiled decoding".
 """
 
 from __future__ import annotations

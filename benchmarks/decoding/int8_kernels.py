@@ -8,6 +8,8 @@ product streams its weights from memory as a decoding step does; best of three p
 one thread. Ratios are speed-ups over fp32 in the same pass.
 
     python benchmarks/decoding/int8_kernels.py --rows 1 2 4 8 16 32 64
+
+Fills BENCHMARKS.md, section "int8 and bf16 weights".
 """
 
 from __future__ import annotations

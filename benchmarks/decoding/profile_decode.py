@@ -8,6 +8,8 @@ without the profiler, then profiled. Prints the step's wall time, the operators 
 time (with their calls per step), the operators' count per step, and the labelled parts
 (attention, router, routed experts, shared expert, norms, LM head), added by wrapping
 the modules here, not in the model.
+
+Fills BENCHMARKS.md, section "Cached decoding".
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ up, the latent cache and the MTP modules (not run) are left out.
     python benchmarks/decoding/quantized_decode.py --config configs/base.yaml --batch 1 8 \
         --threads 1
     python benchmarks/decoding/quantized_decode.py --config configs/base.yaml --batch 1 8 --compile
+
+Fills BENCHMARKS.md, section "int8 and bf16 weights".
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ best ms a step, wall and thread CPU time (CPU time is less disturbed by other pr
 a shared machine), and the median of the paired before/after ratios.
 
     python benchmarks/decoding/quantized_decode_paths.py --config configs/base.yaml --windows 40
+
+Fills BENCHMARKS.md, section "int8 and bf16 weights".
 """
 
 from __future__ import annotations

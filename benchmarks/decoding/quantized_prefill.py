@@ -4,6 +4,8 @@ row count, against int8 cast to bf16 per layer for many rows (what ``quantize`` 
 variants alternate within each repeat, best of ``--repeats``.
 
     python benchmarks/decoding/quantized_prefill.py --config configs/base.yaml --lengths 128 512
+
+Fills BENCHMARKS.md, section "int8 and bf16 weights".
 """
 
 from __future__ import annotations

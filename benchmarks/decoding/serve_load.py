@@ -8,6 +8,8 @@ setting decodes the same number of tokens. Bounded: ``--requests`` per setting.
     python benchmarks/decoding/serve_load.py --config configs/tiny.yaml --requests 16 \
         --max-tokens 32
     python benchmarks/decoding/serve_load.py --config configs/base.yaml --quantize fp32 int8
+
+Fills BENCHMARKS.md, section "Serving".
 """
 
 from __future__ import annotations

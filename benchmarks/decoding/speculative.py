@@ -8,6 +8,8 @@ whether the outputs were identical (greedy speculation must not change them).
 
     python benchmarks/decoding/speculative.py --checkpoint runs/x/latest.pt \\
         --data /work/shared/data/tinystories/train.txt
+
+Fills BENCHMARKS.md, section "Speculative decoding".
 """
 
 from __future__ import annotations

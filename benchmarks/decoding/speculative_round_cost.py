@@ -3,6 +3,8 @@ with random weights (so no draft is accepted and every round is pure cost): the 
 what speculation can gain on this hardware. Batch 1, greedy, alternating, one thread.
 
     python benchmarks/decoding/speculative_round_cost.py --config configs/smollm2-moe.yaml
+
+Fills BENCHMARKS.md, section "Speculative decoding".
 """
 
 from __future__ import annotations

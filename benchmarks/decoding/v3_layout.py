@@ -4,6 +4,8 @@ one process: the runs alternate, best of ``--repeats``, so the ratio is fair on 
 machine. Also each layout's KV-cache bytes per token (16-bit).
 
     python benchmarks/decoding/v3_layout.py --batch 1 8
+
+Fills BENCHMARKS.md, section "DeepSeek-V3's layout, decoding".
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ same function of the same rows (the balance loss sees the same micro batches), s
 difference is the order of floating-point sums, and AdamW, dividing by the root of its
 second moment, turns a near-zero gradient's last bits into a share of the learning rate.
 Prints the largest weight difference after each step, per learning rate.
+
+Fills BENCHMARKS.md, section "The rounding floor".
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ all-to-all sends to the other rank, counted from the split sizes of every MoE fo
 forward and backward (the backward all-to-alls carry as many rows as the forward ones).
 Memory: fp32 weights, gradients and AdamW's two moments held per rank (16 bytes a
 parameter), not activations.
+
+Fills BENCHMARKS.md, section "Distributed".
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ parameters, so EP pays in bytes below a number of tokens per rank, printed per l
 ``break-even tokens``: where EP's all-to-all equals the FSDP traffic of the experts it
 replaces. Memory is EP's point: it divides the expert share of the 16 bytes per parameter
 by N without gathering whole layers.
+
+Fills BENCHMARKS.md, section "Distributed".
 """
 
 from __future__ import annotations

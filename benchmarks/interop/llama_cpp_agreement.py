@@ -7,6 +7,8 @@ over the same ids, teacher-forced), against the logits' own scale.
         --set model.router=sigmoid --set model.expert_activation=swiglu \\
         --set train.out_dir=runs/tiny-v3
     python benchmarks/interop/llama_cpp_agreement.py --checkpoint runs/tiny-v3/best.pt
+
+Fills BENCHMARKS.md, section "GGUF and llama.cpp".
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Both sides time the steps after the first new token: ``(tokens - 1) / seconds``.
 
 ``export_for_llama_cpp`` and ``llama_cpp_rate`` are meant for reuse (another benchmark
 comparing its own decoding with llama.cpp's q8_0).
+
+Fills BENCHMARKS.md, section "Against llama.cpp".
 """
 
 from __future__ import annotations

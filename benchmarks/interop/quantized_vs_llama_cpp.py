@@ -3,13 +3,15 @@ against llama.cpp's q8_0 of the same checkpoint exported as GGUF (``deepseek-min
 --format gguf --dtype q8_0``, DeepSeek-V3's layout, so ``configs/deepseek-v3-mini.yaml``).
 
 llama.cpp runs through ``benchmarks/helpers/llama_cpp.py`` (node-llama-cpp's CPU binary,
-from the GGUF export's issue); each of its runs is a fresh process whose load time is
+as the GGUF tests use); each of its runs is a fresh process whose load time is
 left out. Both decode greedily after a prompt of about ``--prompt-len`` tokens, one
 thread, and count the steps after the first new token. The contenders alternate within
 each repeat, best of ``--repeats``.
 
     python benchmarks/interop/quantized_vs_llama_cpp.py --checkpoint v3-mini.pt \
         --gguf v3-mini-q8_0.gguf
+
+Fills BENCHMARKS.md, section "Against llama.cpp".
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ when it measured it (``cpu_s`` in metrics.jsonl). At the end, every held-out doc
 decoded back to text and scored by ``deepseek-mini eval`` (full 49,152-id vocabulary,
 windows of ``--eval-seq-len`` tokens, fp32), the final and the best checkpoint both, so
 the figure is the one a user gets from the command line.
+
+Fills BENCHMARKS.md, section "Quality per CPU-hour".
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ and released per run. The held-out figure is the run's own validation CE at its 
 step (``data.val_fraction`` of the documents, the same split for every variant: the
 seed and fraction are shared). Written: ``OUT/results.json`` with each variant's final
 validation CE, its curve, CPU seconds, wall seconds and the load average around it.
+
+Fills BENCHMARKS.md, section "The levers".
 """
 
 from __future__ import annotations

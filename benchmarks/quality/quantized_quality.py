@@ -14,6 +14,8 @@ windows (``evaluation.evaluate``) in one process.
         --data ../shared/data/tinystories/train.txt --docs 300
     python benchmarks/quality/quantized_quality.py --checkpoint run/best.pt --data heldout.txt \\
         --skip 0 --docs 100000
+
+Fills BENCHMARKS.md, section "Quantization quality".
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ trainer (``deepseek_mini.trainer.train``, data.source files on the non-held-out 
 unless ``--set train.lr=...``) and scored again. ``--device auto`` trains and scores on a
 GPU when there is one (precision: the trainer's ``auto``; fp32 on CPU). Prints a Markdown
 table and writes it as JSON to the work dir.
+
+Fills BENCHMARKS.md, section "SmolLM2 warm start".
 """
 
 from __future__ import annotations

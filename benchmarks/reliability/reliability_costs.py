@@ -7,6 +7,8 @@
 3. The sampled digest of an input file against hashing the whole file.
 
     python benchmarks/reliability/reliability_costs.py --config configs/tiny.yaml --tokens 50000000
+
+Fills BENCHMARKS.md, section "Reliability costs".
 """
 
 from __future__ import annotations

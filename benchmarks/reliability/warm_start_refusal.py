@@ -1,4 +1,4 @@
-"""How long a warm start takes to refuse a config that cannot map SmolLM2 (issue 26).
+"""How long a warm start takes to refuse a config that cannot map SmolLM2.
 
 1. The geometry of the offline SmolLM2 GGUF read by ``gguf_header.read_gguf_header`` (the
    header, fields and tensor infos) against the gguf package's ``GGUFReader`` (which
@@ -7,6 +7,8 @@
    line (tiny's hidden size is not SmolLM2's), with this tree's code.
 
     python benchmarks/reliability/warm_start_refusal.py --rounds 5
+
+Fills BENCHMARKS.md, section "SmolLM2 warm start".
 """
 
 from __future__ import annotations

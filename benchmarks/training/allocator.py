@@ -10,6 +10,8 @@ of its own (the same model, seed and random batches, the trainer's ``train_step`
 the children alternating ``rounds`` times so load changes hit both alike. Reported:
 medians over the children of the per-step figures, each child's first step (the
 warm-up) left out.
+
+Fills BENCHMARKS.md, section "Keeping freed memory".
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ long as torch runs one thread) and of their wall time; a warm-up step each comes
 ``--contenders`` picks a subset (``ours`` alone skips building transformers' model).
 The process keeps freed memory as ``deepseek-mini train`` does (allocator.py), for both
 implementations; ``system_share`` and ``page_faults`` show what the kernel still adds.
+
+Fills BENCHMARKS.md, section "The bf16 training step".
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ memory kept as the trainer keeps it, in rounds of every operation in turn (drift
 out of the comparisons), each the median CPU time over the rounds after a warm-up: the
 casts, the zeroing, and the LM head's three bf16 products, the gradients' in other
 operand layouts and chunkings too, and the logits' product in fp32 for scale.
+
+Fills BENCHMARKS.md, section "The bf16 training step".
 """
 
 from __future__ import annotations

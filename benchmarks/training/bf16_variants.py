@@ -6,11 +6,13 @@
 One model and optimizer (the trainer's ``train_step`` and fused AdamW); each variant is a
 precision (``bf16`` or ``fp32``) and, after a colon, the pieces swapped for another way
 of computing them (``+`` between several): the way the code was before a change, or an
-alternative that was tried and dropped (BENCHMARKS.md, "Issue 21: bf16 step"). Rounds of
+alternative that was tried and dropped (BENCHMARKS.md, "The bf16 training step"). Rounds of
 one step of every variant in turn keep a shared machine's drift out of the ratios; each
 figure is the median of a variant's steps' process CPU time (user + system), its ratio
 against the first variant's. The optimizer moves the weights every step; the timing
 does not depend on their values.
+
+Fills BENCHMARKS.md, section "The bf16 training step".
 """
 
 from __future__ import annotations

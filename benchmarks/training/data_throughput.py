@@ -8,6 +8,8 @@ checks and memory-maps the cache. Batches: ``BatchSampler.next_batch`` on the
 memory-mapped train split, in tokens per second, for the sizes training uses.
 
     python benchmarks/training/data_throughput.py ../shared/data/tinystories/train.txt
+
+Fills BENCHMARKS.md, section "Data preparation".
 """
 
 from __future__ import annotations

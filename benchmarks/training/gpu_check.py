@@ -17,6 +17,8 @@ It checks, and prints one line each:
 - decoding: ``generate`` tokens/s at batch 1 and 8 with 16-bit weights.
 
 Without a CUDA device it says so and exits with status 0: nothing is guessed.
+
+Fills BENCHMARKS.md, section "GPU".
 """
 
 from __future__ import annotations

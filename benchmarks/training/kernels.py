@@ -17,6 +17,8 @@ shapes (batch 8 × 128 tokens, hidden 576, 8 experts of 1536, vocab 49,152):
 The equality of each pair is tests/test_fast_paths.py's business; this only times them.
 Each figure is the fastest of ``--repeats`` runs: on a shared machine the minimum is the
 least disturbed estimate.
+
+Fills BENCHMARKS.md, section "Where the time goes".
 """
 
 from __future__ import annotations

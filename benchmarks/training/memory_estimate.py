@@ -16,6 +16,8 @@ An estimate, not a measurement of a GPU: the terms are
 
 With ``--precision fp32`` it predicts this CPU's run, which throughput.py measures as peak
 RSS: that comparison is the check on the method.
+
+Fills BENCHMARKS.md, section "Memory".
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Newton-Schulz iterations alone (torch's own ``_zeropower_via_newtonschulz``, bf1
 torch.optim.Muon runs them) over the shapes Muon gets, with their FLOPs and the rate
 they reach against the bf16 ``F.linear`` peak measured the way training's MFU is, and
 their share of each batch size's Muon step and of its extra CPU seconds over AdamW's.
+
+Fills BENCHMARKS.md, section "Muon's step cost".
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ around the forward of the model's parts (attention, router, routed experts, shar
 LM head + cross-entropy), added here by wrapping, not in the model. Prints the operators
 by self time (CPU or CUDA; ``--shapes`` splits them by input shape), then the labelled
 ranges. ``--precision bf16`` runs the forward under bf16 autocast, as the trainer does.
+
+Fills BENCHMARKS.md, section "Where the time goes".
 """
 
 from __future__ import annotations

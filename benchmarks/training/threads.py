@@ -9,6 +9,8 @@ whole run, standing in for the other work of a shared machine.
 
     python benchmarks/training/threads.py --threads 1 2 --repeats 3
     python benchmarks/training/threads.py --threads 1 2 --repeats 3 --busy 2
+
+Fills BENCHMARKS.md, section "Threads".
 """
 
 from __future__ import annotations

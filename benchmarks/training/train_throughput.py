@@ -8,6 +8,8 @@ vocabulary fits) with evaluation, sampling and periodic saves pushed out of the 
 every step, and reports the median over all steps but the first (which pays for warm-up).
 MFU is given twice: against the peak the trainer measured in the run's own dtype, and
 against the fp32 matmul peak, the fair yardstick when comparing precisions on one machine.
+
+Fills BENCHMARKS.md, section "The bf16 training step".
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ split's N most frequent ids; "all" = every id that occurs in it).
     python benchmarks/training/trimmed_head.py decode --threads 1
     python benchmarks/training/trimmed_head.py coverage --config configs/tiny.yaml \\
         --set data.source=files --set 'data.files=[PATH]' --set data.val_fraction=0.05
+
+Fills BENCHMARKS.md, section "Trimmed head".
 """
 
 from __future__ import annotations
