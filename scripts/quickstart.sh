@@ -31,4 +31,7 @@ real data, either
   or local TinyStories text files (stories separated by <|endoftext|>):
     deepseek-mini train --config configs/tiny.yaml --set data.source=files \
         --set 'data.files=[path/to/TinyStories-*.txt]' --set train.out_dir=runs/tiny-stories
+Next, the best CPU recipe (configs/cpu-hour.yaml): README.md, end of the Quick start.
+These commands run in .venv: in a new shell, first `. .venv/bin/activate`
+(or call .venv/bin/deepseek-mini).
 NEXT

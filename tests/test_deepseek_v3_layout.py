@@ -152,7 +152,7 @@ def test_static_cache_decoding_matches_the_eager_cache():
 
 
 def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys):
-    """Issue 26: ``model.first_k_dense`` > 0 died at its first validation (expert counts
+    """Fixed bug: ``model.first_k_dense`` > 0 died at its first validation (expert counts
     assumed every layer has experts). Trained with an MTP module too, such a model
     validates, logs its MoE layers' usage under their own indices (dense layer 0 has
     none), plots, evaluates with ``--experts``, serves, and exports to transformers'
@@ -226,10 +226,10 @@ def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys)
 
 def test_a_dense_model_trains_validates_and_evaluates(tmp_path, capsys):
     """``first_k_dense == num_layers`` is the dense model of the MoE-against-dense
-    comparison (issue 21): every layer a dense MLP as wide as the experts a token runs
-    (top_k + shared), so the active FLOPs match. It has no routers, no router loss and no
-    expert statistics: training validates, eval scores it and refuses ``--experts`` in one
-    line."""
+    comparison (BENCHMARKS.md, "The levers"): every layer a dense MLP as wide as the
+    experts a token runs (top_k + shared), so the active FLOPs match. It has no routers, no
+    router loss and no expert statistics: training validates, eval scores it and refuses
+    ``--experts`` in one line."""
     from tiny_run import TINY_YAML, tiny_overrides
 
     from deepseek_mini.cli.main import main

@@ -48,7 +48,8 @@ ATOL = 1e-5
 # AdamW divides by the root of its second moment, so on a weight whose gradient is near 0
 # the last bits of a sum taken in another order move the update by a share of lr: at the
 # tiny config's lr, rounding alone moves weights past 1e-5 in one step (BENCHMARKS.md,
-# issue 25, benchmarks/adam_rounding_floor.py). The EP runs are compared at a tenth of it.
+# "Expert parallelism", benchmarks/distributed/adam_rounding_floor.py). The EP runs are
+# compared at a tenth of it.
 LR = 3e-4
 CLIP = 0.01  # below every step's gradient norm: the clipping is part of what must match
 STEPS = 3

@@ -1,5 +1,5 @@
 """Each fast path computes what the plain way computes: the whole model against
-benchmarks/plain_model.py (explicit softmax attention with repeated KV heads, per-slot and
+benchmarks/helpers/plain_model.py (explicit softmax attention with repeated KV heads, per-slot and
 per-expert loops, full-logits cross-entropy, uncached decoding), and the pieces one by one
 (grouped expert GEMMs, chunked cross-entropy through the LM head, fused AdamW)."""
 

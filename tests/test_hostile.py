@@ -1,4 +1,4 @@
-"""What a hostile tester broke (issue 26, points 6-10 and 12), each reproduced: closed
+"""What a hostile tester broke, each reproduced: closed
 pipes, crafted checkpoints and training state, files and sizes that cannot work, seeds and
 logits out of range, signals while tokenising, and a new user's smaller finds. Every one
 ends as one ``error:`` line (or quietly), never a traceback."""
@@ -319,7 +319,7 @@ def test_a_checkpoint_of_impossible_sizes_is_refused_before_allocating(checkpoin
 
 
 def test_the_activation_estimate_is_below_what_autograd_keeps(data_overrides):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
     from memory_estimate import saved_bytes
 
     def per_sequence(cfg: Config, layers: int) -> int:  # in 16-bit autocast (the smallest)

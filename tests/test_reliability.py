@@ -142,7 +142,7 @@ def test_under_torchrun_only_rank_0_locks(tmp_path):
 
 @pytest.mark.parametrize("kind", ["symlink", "hard link", "foreign file", "folder", "fifo"])
 def test_a_lock_that_is_not_ours_is_refused_and_left_untouched(tmp_path, kind):
-    """Issue 26: a .lock linked to a user's file had it truncated to "PID HOST"."""
+    """Fixed bug: a .lock linked to a user's file had it truncated to "PID HOST"."""
     victim = tmp_path / "precious.txt"
     victim.write_text("my own notes\n")
     run = tmp_path / "run"
@@ -196,7 +196,7 @@ def test_a_fresh_run_moves_an_older_run_aside_and_a_resume_does_not(tmp_path):
 
 
 def test_a_users_own_config_yaml_is_not_called_an_older_runs(tmp_path):
-    """Issue 26: a config.yaml alone in out_dir was moved aside as "the older run's"."""
+    """Fixed bug: a config.yaml alone in out_dir was moved aside as "the older run's"."""
     (tmp_path / "config.yaml").write_text("train:\n  lr: 1.0e-3\n")
     folder = run_folder.claim(tmp_path, resume=False)
     folder.release()
@@ -266,7 +266,7 @@ def test_a_run_whose_steps_were_all_skipped_exits_non_zero(data_overrides, tmp_p
 
 def test_a_diverged_but_finite_run_keeps_the_good_checkpoints(data_overrides, tmp_path,
                                                               capsys):
-    """Issue 26: at lr 1e30 one step blows the weights up to ~1e29 (still finite), the
+    """Fixed bug: at lr 1e30 one step blows the weights up to ~1e29 (still finite), the
     next ones are skipped as non-finite, and latest.pt was overwritten with exit 0."""
     args = train_args(data_overrides, tmp_path)
     assert main([*args, "--stop-after", "4"]) == 0
@@ -293,7 +293,7 @@ def test_a_fresh_run_that_diverges_writes_no_latest(data_overrides, tmp_path, ca
 
 def test_resuming_from_non_finite_weights_is_refused_before_a_step(data_overrides, tmp_path,
                                                                    capsys):
-    """Issue 26: such a resume trained NaN steps, then blamed train.lr."""
+    """Fixed bug: such a resume trained NaN steps, then blamed train.lr."""
     args = train_args(data_overrides, tmp_path)
     assert main([*args, "--stop-after", "4"]) == 0
     ckpt = torch.load(tmp_path / LATEST, weights_only=True)
@@ -356,7 +356,7 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(data_overrides, tmp
 
 
 def test_a_full_disk_at_a_new_file_does_not_speak_of_a_previous_one(tmp_path, monkeypatch):
-    """Issue 26: "the previous file is kept" was said when there was none."""
+    """Fixed bug: "the previous file is kept" was said when there was none."""
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -466,7 +466,7 @@ def test_training_refuses_a_binary_file_as_eval_does(data_overrides, tmp_path, c
 
 
 def test_a_token_cache_overwritten_with_zeros_is_rebuilt(data_overrides, tmp_path, capsys):
-    """Issue 26: zeros are valid ids (<|endoftext|>), so an all-zero train.bin of the
+    """Fixed bug: zeros are valid ids (<|endoftext|>), so an all-zero train.bin of the
     right size was trained on; the digest recorded at writing notices it."""
     cfg = Config.from_yaml(TINY_YAML, [*data_overrides, f"data.cache_dir={tmp_path}"])
     first = prepare_data(cfg.data, cfg.train.seed, VOCAB, progress=False)
@@ -482,7 +482,7 @@ def test_a_token_cache_overwritten_with_zeros_is_rebuilt(data_overrides, tmp_pat
 
 def test_a_file_with_many_nul_bytes_is_read_with_a_warning_by_train_and_eval(
         data_overrides, tmp_path, capsys):
-    """Issue 26: a file 18% NUL bytes passed train and eval without a word (above 20% it
+    """Fixed bug: a file 18% NUL bytes passed train and eval without a word (above 20% it
     is refused)."""
     doc = "Tom had a red ball." + "\x00" * 9 + " He liked it very much."  # 9 of 51
     blob = tmp_path / "mostly.txt"
@@ -500,7 +500,7 @@ def test_a_file_with_many_nul_bytes_is_read_with_a_warning_by_train_and_eval(
 
 
 def test_integer_tensors_in_a_checkpoint_are_refused(tmp_path, capsys):
-    """Issue 26: int64 weights were cast into the float parameters without a word."""
+    """Fixed bug: int64 weights were cast into the float parameters without a word."""
     cfg = Config.from_yaml(TINY_YAML, ["model.num_layers=1", "model.hidden_size=32",
                                        "model.num_heads=2", "model.kv_latent_dim=16",
                                        "model.expert_hidden=32", "model.vocab_size=64"])

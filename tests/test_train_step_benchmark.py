@@ -1,4 +1,4 @@
-"""benchmarks/train_step.py --quick: every figure it promises, on a tiny config, in seconds."""
+"""benchmarks/training/train_step.py --quick: every figure it promises, tiny config, seconds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_train_step_benchmark_quick_reports_rates_peak_share_and_moe_ratio(tmp_path):
     out = tmp_path / "step.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/train_step.py", "--quick",
+    done = subprocess.run([sys.executable, "benchmarks/training/train_step.py", "--quick",
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

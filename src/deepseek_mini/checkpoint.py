@@ -111,7 +111,7 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     each tensor's min and max (``aminmax``, which propagates NaN and cannot overflow as a
     sum or a 2-norm could) stay on the device, are stacked, and the verdict is read once
     per device, not a host sync per tensor; a fused ``_foreach_norm`` with ord=inf cost
-    more than the save itself on CPU (BENCHMARKS.md, issue 18)."""
+    more than the save itself on CPU (BENCHMARKS.md, "Reliability costs")."""
     import torch
 
     by_device: dict[Any, list[torch.Tensor]] = {}

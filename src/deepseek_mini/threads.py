@@ -2,7 +2,7 @@
 
 torch starts one thread per physical core. Every OpenMP barrier waits for the slowest
 thread, and on a machine whose other work keeps the cores busy that thread is often
-descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "issue 17"): decoding, a chain of
+descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "Threads"): decoding, a chain of
 small matrix-vector products, is faster on one thread even on a quiet machine;
 evaluation and training steps are faster on every core of a quiet machine, and on a busy
 one (load average above the core count) one thread wins, by far. So the default is

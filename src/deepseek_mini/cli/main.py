@@ -69,7 +69,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_gguf_export(p: argparse.ArgumentParser) -> None:
-    """export's GGUF options (issue 23)."""
+    """export's GGUF options (llama.cpp's format)."""
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a Hugging Face folder; gguf: one file for llama.cpp")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],

@@ -14,7 +14,7 @@ whose top-k choice is discontinuous) and the norms stay as they are.
 Products use PyTorch's own weight-only kernel, ``torch._weight_int8pack_mm``, with bf16
 activations: on a CPU with native bf16 it streams int8 weights at up to 3-6x the rate of
 fp32 ``F.linear`` for a few rows, while with fp32 activations it is 4x *slower* than
-fp32 (BENCHMARKS.md, issue 24). Two measured limits shape ``int8_linear``:
+fp32 (BENCHMARKS.md, "int8 and bf16 weights"). Two measured limits shape ``int8_linear``:
 
 * past ``DEQUANTIZE_ROWS`` rows (a prompt's prefill) casting the int8 matrix to bf16 and
   running one bf16 GEMM is faster than the int8 kernel;
