@@ -280,16 +280,15 @@ def test_a_forced_router_sends_every_token_to_one_expert():
 
 # The command line: the tiny training setup of test_distributed.py (global batch 4). Two EP
 # ranks with micro batches of 1 dispatch 2 rows together: one process with micro batches
-# of 2 is the run they must reproduce. Validation batches are micro batches, so both score
-# every validation window (eval_batches above their number: 21 windows of a 1% split) to
-# score the same tokens.
+# of 2 is the run they must reproduce. Both validate on eval_batches x batch_size = 12 of
+# the 21 windows of a 1% split, the same 12 whatever the micro batch and the processes.
 EP = ["--set", "train.expert_parallel=2"]
 
 
 @pytest.fixture(scope="module")
 def ep_overrides(tmp_path_factory) -> list[str]:
     return [*tiny_overrides(tmp_path_factory.mktemp("ep-data")), *DISTRIBUTED,
-            "data.val_fraction=0.01", "train.eval_batches=1000", f"train.lr={LR}",
+            "data.val_fraction=0.01", "train.eval_batches=3", f"train.lr={LR}",
             f"train.min_lr={LR / 10}"]
 
 

@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -367,6 +368,58 @@ def test_a_full_disk_at_a_new_file_does_not_speak_of_a_previous_one(tmp_path, mo
     with pytest.raises(UserError, match="the previous file is kept$"):
         atomic_write_text("x", tmp_path / "old.yaml")
     assert (tmp_path / "old.yaml").read_text() == "kept" and not (tmp_path / "new.yaml").exists()
+
+
+def test_a_full_disk_mid_line_leaves_whole_metrics_lines_and_exits_28(data_overrides,
+                                                                      tmp_path, capsys,
+                                                                      monkeypatch):
+    """The disk fills inside a metrics row: the part written is cut back off, so every
+    line of metrics.jsonl is whole JSON, and the run exits 28 naming the file."""
+    real_write = os.write
+    rows = []
+
+    def filling(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(METRICS_FILE):
+            return real_write(fd, data)
+        rows.append(bytes(data))
+        if len(rows) == 3:  # the disk takes half of the third row...
+            return real_write(fd, data[:len(data) // 2])
+        if len(rows) > 3:  # ...and then nothing
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling)
+    assert main(train_args(data_overrides, tmp_path)) == EXIT_DISK_FULL
+    line = one_error_line(capsys)
+    assert f"cannot append to {tmp_path / METRICS_FILE}" in line
+    text = (tmp_path / METRICS_FILE).read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 2
+    assert all(isinstance(json.loads(row), dict) for row in text.splitlines())
+
+
+@pytest.mark.parametrize("message", ["Not enough free space to write 25165824 bytes after "
+                                     "offset 1771328", "16384 requested and 12672 written"])
+def test_numpys_full_disk_reports_end_a_gguf_export_with_28(tmp_path, capsys, monkeypatch,
+                                                           message):
+    """numpy's tofile says a disk is full without an errno, in two ways (the first for
+    arrays of 16 MiB and more, whose room it reserves first)."""
+    layout = {"num_layers": 1, "vocab_size": VOCAB, "attention": "latent_rope",
+              "expert_activation": "swiglu", "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+              "v_head_dim": 12, "kv_latent_dim": 20}
+    cfg = Config.from_yaml(TINY_YAML, [f"model.{k}={v}" for k, v in layout.items()])
+    cfg.data.tokenizer = tiny_overrides(tmp_path)[-2].split("=", 1)[1]
+    atomic_save({"model": DeepSeekMini(cfg.model).state_dict(), "config": cfg.to_dict()},
+                tmp_path / "best.pt")
+
+    def full(self):
+        raise OSError(message)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
+                 "--format", "gguf"]) == EXIT_DISK_FULL
+    assert one_error_line(capsys).startswith(f"error: the disk is full: cannot write {out}")
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_replaced_files_keep_their_mode_and_new_ones_follow_the_umask(tmp_path):

@@ -9,18 +9,20 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import serving
+import tiny_run
 import torch
 
 from deepseek_mini import generate
 from deepseek_mini.cli.main import main
 from deepseek_mini.data.instruct import instruct_prompt
 from deepseek_mini.inference.batcher import Finish
-from deepseek_mini.inference.prompts import completion_text
+from deepseek_mini.inference.prompts import completion_text, prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,57 @@ def expected(served, prompt: str, max_tokens: int) -> str:
     ids = torch.tensor([[served.tok.eos_id, *served.tok.encode(prompt)]])
     out = generate(served.model, ids, max_new_tokens=max_tokens, eos_id=served.tok.eos_id)
     return completion_text(served.tok, out[0, ids.shape[1]:].tolist())
+
+
+def post(served, path: str, body: dict) -> tuple[str, str]:
+    """The text and finish reason of one choice, streamed or not, over plain HTTP."""
+    reply = httpx.post(f"{served.url}{path}", json=body, timeout=60)
+    if not body.get("stream"):
+        choice = reply.json()["choices"][0]
+        return choice["text"], choice["finish_reason"]
+    events = [json.loads(line[6:]) for line in reply.text.splitlines()
+              if line.startswith("data: {")]
+    return ("".join(e["choices"][0]["text"] for e in events),
+            events[-1]["choices"][0]["finish_reason"])
+
+
+def test_the_served_model_tells_positions_apart(served):
+    """The texts below would differ if the server fed a token one RoPE position off."""
+    for prompt in ("Once upon a time", "The dog"):
+        ids = prompt_ids(served.tok, [prompt])[0]
+        out = generate(served.model, torch.tensor([ids]), max_new_tokens=20)
+        assert tiny_run.shifted_greedy(served.model, ids, 20) != out[0, len(ids):].tolist()
+
+
+def test_requests_sharing_steps_get_generates_text_streamed_or_not(served):
+    """Completions and stories, streamed and not, sent at once so they decode batched
+    (and join while others run): each the text ``generate`` writes for it alone."""
+    story = {"summary": "A cat finds a hat.", "words": "hat"}
+    work = [("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24}),
+            ("/v1/completions", {"prompt": "The dog", "max_tokens": 30, "stream": True}),
+            ("/v1/stories", {**story, "max_tokens": 28, "stream": True}),
+            ("/v1/stories", {**story, "max_tokens": 20}),
+            ("/v1/completions", {"prompt": "Lily saw a big red", "max_tokens": 26,
+                                 "stream": True})]
+    with ThreadPoolExecutor(len(work)) as pool:
+        replies = list(pool.map(lambda w: post(served, w[0], {**w[1], "temperature": 0}),
+                                work))
+    for (path, body), (text, _) in zip(work, replies, strict=True):
+        prompt = (body["prompt"] if path.endswith("completions")
+                  else instruct_prompt(story["summary"], story["words"], None))
+        assert text == expected(served, prompt, body["max_tokens"]), body
+
+
+def test_serve_and_the_generate_command_write_the_same_text(served, capsys):
+    """The same checkpoint and prompt at temperature 0: ``generate`` prints the prompt
+    and its continuation, the server returns the continuation; both put the end-of-text
+    before the prompt."""
+    prompt = "Tom had a ball"
+    text, _ = post(served, "/v1/completions", {"prompt": prompt, "max_tokens": 24,
+                                               "temperature": 0})
+    assert main(["generate", "--checkpoint", str(served.checkpoint), "--prompt", prompt,
+                 "--max-new-tokens", "24", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
 
 
 def test_the_openai_client_gets_greedy_completions(served, client):

@@ -1,6 +1,7 @@
 """The story page in a real headless Chromium (Debian's chromium and chromium-driver,
 driven by selenium): the page is loaded from a running server, the form filled, Write
-clicked, and the story must stream in; a bad temperature must show the server's error.
+clicked, and the story must stream in, at temperature 0 the very text ``generate`` writes
+for the same fields; a bad temperature must show the server's error.
 A screenshot goes to tests/artifacts/ (ignored by git)."""
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import serving
+import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+
+from deepseek_mini import generate
+from deepseek_mini.data.instruct import instruct_prompt
+from deepseek_mini.inference.prompts import completion_text, prompt_ids
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -41,15 +47,23 @@ def test_the_page_streams_a_story_and_shows_errors(tmp_path, browser):
         length = browser.find_element(By.ID, "length")
         length.clear()
         length.send_keys("40")
+        temperature = browser.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")
         browser.find_element(By.ID, "write").click()
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: b.find_element(By.ID, "story").text.strip())
         wait.until(lambda b: b.find_element(By.ID, "status").text == "done")
         assert browser.find_element(By.ID, "error").text == ""
+        ids = prompt_ids(served.tok, [instruct_prompt("A cat finds a red hat.", "hat, happy",
+                                                      None)])
+        out = generate(served.model, torch.tensor(ids), max_new_tokens=40,
+                       eos_id=served.tok.eos_id)
+        story = browser.find_element(By.ID, "story").get_attribute("textContent")
+        assert story == completion_text(served.tok, out[0, len(ids[0]):].tolist())
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "story_page.png"))
 
-        temperature = browser.find_element(By.ID, "temperature")
         temperature.clear()
         temperature.send_keys("-1")
         browser.find_element(By.ID, "write").click()

@@ -425,3 +425,43 @@ def test_train_threads_sets_torch_threads_and_is_logged(data_overrides, tmp_path
         assert "linear on 2 CPU threads" in (tmp_path / "train.log").read_text()
     finally:
         torch.set_num_threads(before)
+
+
+def val_ces(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_ce"] for r in read_rows(out_dir) if "val_ce" in r}
+
+
+def test_validation_scores_one_set_of_windows_whatever_the_micro_batch(data_overrides,
+                                                                       tmp_path):
+    """eval_batches x batch_size windows (4 here), scored 1, 2 or 4 at a time: the same
+    CE up to summation order (it was over 1, 2 or 4 windows). At lr 0 the weights stay
+    the initial ones, which accumulation's rounding would otherwise move apart."""
+    steps = ["train.max_steps=2", "train.eval_interval=2", "train.eval_batches=1",
+             "train.log_interval=1", "train.lr=0", "train.min_lr=0"]
+    runs = {micro: tmp_path / f"micro{micro}" for micro in (1, 2, 4)}
+    for micro, out in runs.items():
+        train(tiny_config(data_overrides, out, *steps, f"train.micro_batch_size={micro}"))
+    ces = [val_ces(out)[2] for out in runs.values()]
+    assert ces == pytest.approx([ces[0]] * 3, rel=1e-6)
+    assert load_checkpoint(runs[1] / "latest.pt")["val_windows"] == 4
+
+
+def test_a_resume_keeps_the_runs_validation_windows(data_overrides, tmp_path):
+    """Another micro batch on resume scores the same windows; an eval_batches that asks
+    for others, or a checkpoint from before the count was saved (micro_batch_size x
+    eval_batches windows then), keeps the run's own, with a note."""
+    steps = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1"]
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    train(tiny_config(data_overrides, straight, *steps))
+    train(tiny_config(data_overrides, sliced, *steps), stop_after=2)
+    train(tiny_config(data_overrides, sliced, *steps, "train.micro_batch_size=4"), resume=True)
+    assert val_ces(sliced) == pytest.approx(val_ces(straight), rel=1e-5)
+
+    old = tmp_path / "old"
+    train(tiny_config(data_overrides, old, *steps), stop_after=2)
+    ckpt = load_checkpoint(old / "latest.pt")
+    del ckpt["val_windows"]  # as a checkpoint written before the count was kept
+    atomic_save(ckpt, old / "latest.pt")
+    train(tiny_config(data_overrides, old, *steps, "train.eval_batches=3"), resume=True)
+    assert ("validation keeps this run's 2 windows (train.eval_batches x train.batch_size "
+            "now gives 12)") in (old / "train.log").read_text()

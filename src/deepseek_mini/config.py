@@ -183,7 +183,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_interval: int = 10
     eval_interval: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation: eval_batches x batch_size fixed windows (a run's own)
     save_interval: int = 250
     sample_interval: int = 500
     warm_start: str | None = None

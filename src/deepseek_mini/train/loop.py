@@ -45,7 +45,7 @@ from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
 from .optim import build_optimizer, build_scheduler, set_trainable
 from .precision import Precision, check_fp16_device, setup_precision
-from .resume import check_changes, keep_schedule
+from .resume import check_changes, keep_schedule, kept_val_windows, val_windows
 from .run_folder import claim_for_ranks
 from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
@@ -110,9 +110,12 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     changes: list[str] = []
+    windows = val_windows(cfg)
     if ckpt is not None:
         changes = check_changes(ckpt["config"], cfg, allow_changes)
         cfg = keep_schedule(ckpt["config"], cfg)
+        windows, note = kept_val_windows(ckpt, cfg, out_dir / LATEST)
+        notes = [*notes, *([note] if note else [])]
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
@@ -127,6 +130,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
               make_sampler(data.train, cfg.data, cfg.train.batch_size, cfg.train.seed,
                            data.tokenizer.eos_id),
               LogWindow.zeros(precision.device), CollapseWatch())
+    run.val_windows = windows
     if ckpt is not None:
         run.load_state_dict(ckpt, out_dir / LATEST)
     if ranks.is_main:
@@ -140,8 +144,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     try:
         for note in notes:
             log.info(note)
-        evals = (val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
-                             cfg.train.eval_batches)
+        # the run's windows, whatever the micro batch, scored a micro batch at a time
+        evals = (list(val_batches(data.val, cfg.data.seq_len, windows, 1)[0]
+                      .split(cfg.train.micro_batch_size))
                  if len(data.val) > cfg.data.seq_len else [])
         stop_step = run.step + stop_after if stop_after is not None else None
         prompt = sample_prompt(first_document(data.val if len(data.val) else data.train,

@@ -67,6 +67,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     saved_step: int = 0  # the step of the last good save (a resume's checkpoint counts)
     saved_skips: int = 0  # non-finite steps skipped in all by then
+    val_windows: int = 0  # the run's fixed validation windows (resume.val_windows)
 
     @property
     def ranks(self) -> Ranks:
@@ -96,6 +97,7 @@ class Run:
             "elapsed_s": self.elapsed(),
             "log_window": self.window.state_dict(),
             "collapse_watch": self.watch.state_dict(),
+            "val_windows": self.val_windows,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = LATEST) -> None:
