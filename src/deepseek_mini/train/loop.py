@@ -83,7 +83,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    set_threads(cfg.train.threads, "train")
+    set_threads(cfg.train.threads, "train", "train.threads (--threads)")
     keep_freed_memory()
     parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
