@@ -43,7 +43,7 @@ from ..threads import busy_note, set_threads, user_chose_threads
 from .distributed import Parallel, setup
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
-from .optim import build_optimizer, build_scheduler, set_trainable
+from .optim import build_optimizer, build_scheduler, lr_keys, set_trainable
 from .precision import Precision, check_fp16_device, setup_precision
 from .resume import check_changes, keep_schedule
 from .run_folder import claim_for_ranks
@@ -296,7 +296,7 @@ def _check_streak(run: Run) -> None:
 def _raise_on_streak(run: Run, streak: int) -> None:
     if streak >= MAX_NONFINITE_STREAK:
         raise UserError(f"the loss was not finite for {streak} steps in a row (up to step "
-                        f"{run.step}): lower train.lr ({run.cfg.train.lr:g}) or try "
+                        f"{run.step}): lower {lr_keys(run.cfg.train)} or try "
                         "train.precision=fp32")
 
 
