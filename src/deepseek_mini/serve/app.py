@@ -124,9 +124,10 @@ class _Job:
 
 
 def create_app(batcher: Batcher, tok: Tokenizer, model_name: str,
-               limits: Limits = Limits()) -> FastAPI:
+               limits: Limits | None = None) -> FastAPI:
     """The app serving ``batcher``'s model under the name ``model_name``, refusing
-    requests beyond ``limits``."""
+    requests beyond ``limits`` (None: the defaults)."""
+    limits = limits or Limits()
     app = FastAPI(title="deepseek-mini", docs_url=None, redoc_url=None)
     created = int(time.time())
 

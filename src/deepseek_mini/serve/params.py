@@ -133,7 +133,7 @@ def sampling(body: Any, prompts: list[str], defaults: tuple[int, float]) -> Comp
                       stream)
 
 
-def completion(body: Any, served: str, limits: Limits = Limits()) -> Completion:
+def completion(body: Any, served: str, limits: Limits | None = None) -> Completion:
     """``POST /v1/completions``: ``prompt`` is a string or a list of at most
     ``limits.max_prompts`` strings."""
     body = _object(body)
@@ -144,6 +144,7 @@ def completion(body: Any, served: str, limits: Limits = Limits()) -> Completion:
             or not all(isinstance(p, str) for p in prompts)):
         raise ApiError(f"prompt must be a string or a non-empty list of strings, got "
                        f"{_short(prompt)}", "prompt")
+    limits = limits or Limits()
     if len(prompts) > limits.max_prompts:
         raise ApiError(f"prompt is a list of {len(prompts)} prompts; this server takes at "
                        f"most {limits.max_prompts} in one request (serve --max-prompts)",
