@@ -115,8 +115,8 @@ def _refuse_linked_logs(folder: RunFolder) -> None:
         except FileNotFoundError:
             continue
         what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
-                "not a regular file" if not stat.S_ISREG(st.st_mode) else
-                f"a hard link ({st.st_nlink} names)" if st.st_nlink != 1 else None)
+                f"a hard link ({st.st_nlink} names)"
+                if stat.S_ISREG(st.st_mode) and st.st_nlink != 1 else None)
         if what is not None:
             folder.release()
             raise UserError(f"{path} is {what}: a resumed run writes to its own log files "
