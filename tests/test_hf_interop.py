@@ -178,6 +178,23 @@ def test_the_export_reproduces_the_prompt_convention(tmp_path, tokenizer_overrid
     assert hf.generation_config.bos_token_id == ours.eos_id == hf.config.bos_token_id
 
 
+def test_the_remote_code_export_loads_without_a_model_type_warning(tmp_path,
+                                                                   tokenizer_overrides, capfd):
+    """"a model of type `deepseek_mini` to instantiate a model of type ``" is transformers'
+    base config, which it falls back on when the tokenizer is loaded without
+    trust_remote_code=True; loaded as the docs say, model and tokenizer are quiet, and the
+    shipped config class names the config.json's model_type."""
+    path, _ = checkpoint(tmp_path, tokenizer_overrides, SEED)
+    out = tmp_path / "hf"
+    export(path, out)
+    capfd.readouterr()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert "to instantiate a model of type" not in "".join(capfd.readouterr())
+    assert type(model.config).model_type == json.loads(
+        (out / "config.json").read_text())["model_type"] == "deepseek_mini"
+
+
 def test_the_remote_code_exports_tokenizer_needs_no_code(tmp_path, tokenizer_overrides,
                                                          capsys):
     """Fixed bug: the tokenizer of a remote-code export is transformers' own fast tokenizer

@@ -508,6 +508,24 @@ def test_a_same_size_edit_with_its_time_restored_rebuilds_the_cache(data_overrid
     assert "rebuilding the token cache" in capsys.readouterr().err
 
 
+def test_an_edit_between_the_sampled_blocks_of_a_large_file_changes_its_digest(tmp_path):
+    """Above 4 MiB only 64 blocks of 64 KiB were hashed, so a same-size edit between them
+    with the time restored left a stale cache; the whole file is hashed now."""
+    from deepseek_mini.data.sources import files_fingerprint
+
+    text = tmp_path / "big.txt"
+    text.write_bytes(b"Tom had a red ball. " * 300_000)  # 6 MB
+    before = files_fingerprint([str(text)])
+    stat = text.stat()
+    with open(text, "r+b") as f:  # 70 KB in: after the first sampled block, before the next
+        f.seek(70_000)
+        f.write(b"BIG")
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = files_fingerprint([str(text)])
+    assert [r["size"] for r in after] == [r["size"] for r in before]
+    assert after != before
+
+
 def test_training_refuses_a_binary_file_as_eval_does(data_overrides, tmp_path, capsys):
     blob = tmp_path / "blob.txt"
     blob.write_bytes(np.random.default_rng(0).bytes(4096))

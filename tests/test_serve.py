@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -170,6 +171,11 @@ def test_stories_use_the_instruct_prompt(served):
     ({"prompt": "a", "seed": 2**70}, 400, "seed", "seed must be a 64-bit integer"),
     ('{"prompt": "a", "temperature": NaN}', 400, "temperature", "must be a finite number"),
     ('{"prompt": "a", "top_p": Infinity}', 400, "top_p", "must be a finite number"),
+    # they overflowed in the engine: 200 with empty text and finish_reason "error"
+    ({"prompt": "a", "temperature": 1e-320}, 400, "temperature",
+     "temperature must be 0 (greedy) or at least 0.0001"),
+    ({"prompt": "a", "top_p": 1e-300}, 400, "top_p", "top_p must be at least 1e-06"),
+    ({"prompt": ["a"] * 65}, 400, "prompt", "a list of 65 prompts; this server takes at most 64"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status, param,
                                                            message):
@@ -179,6 +185,63 @@ def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status,
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(served):
+    """A 20 MB prompt was read, parsed and tokenised (14 s) before its 400."""
+    big = json.dumps({"prompt": "a " * (1 << 20)})
+    reply = httpx.post(f"{served.url}/v1/completions", content=big, timeout=60)
+    assert reply.status_code == 413
+    error = reply.json()["error"]
+    assert error["code"] == "request_too_large" and "at most 1,048,576" in error["message"]
+
+    def chunks():  # no Content-Length: counted as it streams in
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+
+    reply = httpx.post(f"{served.url}/v1/completions", content=chunks(), timeout=60)
+    assert reply.status_code == 413 and "over 1,048,576 bytes" in reply.json()["error"]["message"]
+
+
+def test_limits_are_the_servers_to_set(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from deepseek_mini.inference.batcher import Batcher
+    from deepseek_mini.inference.loading import load_for_inference
+    from deepseek_mini.serve.app import create_app
+    from deepseek_mini.serve.params import Limits
+
+    model, tok, _ = load_for_inference(serving.tiny_checkpoint(tmp_path))
+    batcher = Batcher(model, tok.eos_id, 2)
+    app = TestClient(create_app(batcher, tok, "m", Limits(max_body_bytes=100, max_prompts=2)))
+    reply = app.post("/v1/completions", json={"prompt": ["a", "b", "c"]})
+    assert reply.status_code == 400 and "at most 2 in one request" in reply.text
+    reply = app.post("/v1/completions", json={"prompt": "a" * 200})
+    assert reply.status_code == 413 and "at most 100" in reply.text
+
+
+def test_a_long_tokenisation_does_not_stall_other_requests(served, monkeypatch):
+    """Prompts were tokenised on the event loop: /health waited 13 s on a 20 MB one."""
+    from deepseek_mini.serve import app as app_module
+
+    real = app_module.prompt_ids
+
+    def slow(tok, prompts):
+        time.sleep(3.0)
+        return real(tok, prompts)
+
+    monkeypatch.setattr(app_module, "prompt_ids", slow)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(httpx.post(
+        f"{served.url}/v1/completions", json={"prompt": "Once", "max_tokens": 1}, timeout=60)))
+    worker.start()
+    time.sleep(0.5)  # the completion is tokenising now
+    started = time.monotonic()
+    health = httpx.get(f"{served.url}/health", timeout=60)
+    waited = time.monotonic() - started
+    worker.join(60)
+    assert health.status_code == 200 and waited < 1.5, waited
+    assert done and done[0].status_code == 200
 
 
 def test_the_openai_client_raises_on_a_bad_request(client):

@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together; more wait for a free row")
     p.add_argument("--model-name", default="deepseek-mini",
                    help="the model's id in the API")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
+                   help="larger request bodies are refused (413)")
+    p.add_argument("--max-prompts", type=int, default=64, metavar="N",
+                   help="most prompts in one completion request")
     _add_decoding(p)
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
@@ -216,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f".{HANDLERS[args.command]}", __package__)
+    try:
+        module = _import_handler(args.command)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     try:
         with _sigterm_interrupts():
             status = module.run(args) or 0
@@ -244,6 +252,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _import_handler(command: str) -> object:
+    """The command's module, imported with Ctrl-C noted: ``import torch`` takes seconds,
+    and a library that swallows KeyboardInterrupt there (a bare ``except``) would lose
+    it, so the command would run on and end with status 0. An interrupt noted during the
+    import raises once it is done."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(f".{HANDLERS[command]}", __package__)
+    noted: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        module = importlib.import_module(f".{HANDLERS[command]}", __package__)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if noted:
+        raise KeyboardInterrupt
+    return module
 
 
 def _version() -> str:

@@ -4,7 +4,7 @@
 ``<|endoftext|>`` after each document, splits train / validation by document and writes
 two uint16 token files plus a JSON of what they were made from. The cache directory's
 name is derived from everything that decides the split (source, file names, tokenizer,
-seed, fractions); its meta also records file sizes, modification times and sampled
+seed, fractions); its meta also records file sizes, modification times and whole-file
 digests, so a changed input is rebuilt in place and an unchanged one is memory-mapped in
 well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too, and
 so does a token file whose sampled digest is not the one recorded when it was written (a

@@ -61,6 +61,15 @@ def muon_ns_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16" if bf16_is_native(device) else "fp32"
 
 
+def lr_keys(cfg: TrainConfig) -> str:
+    """The learning-rate keys a diverged run should lower, with their values: Muon's own
+    ``train.muon_lr`` where it is set (it drives the hidden matrices, where a run
+    diverges), else ``train.lr``, which both optimizers then share."""
+    if cfg.optimizer == "muon" and cfg.muon_lr is not None:
+        return f"train.muon_lr {cfg.muon_lr:g} (Muon's; AdamW's train.lr is {cfg.lr:g})"
+    return f"train.lr {cfg.lr:g}"
+
+
 def base_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[float]:
     """Each parameter group's learning rate before the schedule's factor."""
     if isinstance(optimizer, MuonWithAdamW):

@@ -70,8 +70,11 @@ class RunLog:
         self._log = LineAppender(out_dir / LOG_FILE, append=resume)
         self._metrics = LineAppender(out_dir / METRICS_FILE, append=resume)
         if sys.stderr.isatty():
+            # The rate and time left are the loop's (train/eta.py), in the postfix: tqdm's
+            # own count the first step's warm-up and every validation pause.
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, leave=False)
+                            dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def info(self, line: str) -> None:
         if not self.enabled:

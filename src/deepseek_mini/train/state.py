@@ -40,7 +40,7 @@ from ..model.transformer import DeepSeekMini, load_weights
 from .distributed import Parallel, Ranks
 from .log_window import LogWindow
 from .muon import MuonWithAdamW
-from .optim import base_lrs
+from .optim import base_lrs, lr_keys
 from .precision import Precision
 
 
@@ -363,7 +363,7 @@ def save(run: Run, best: bool, latest: bool) -> None:
         kept = [name for name, wanted in ((BEST, best), (LATEST, latest))
                 if wanted and (run.out_dir / name).exists()]
         raise UserError(f"refusing to save step {run.step}: the model's weights or optimizer "
-                        f"state hold inf or NaN (train.lr is {run.cfg.train.lr:g}); "
+                        f"state hold inf or NaN ({lr_keys(run.cfg.train)}); "
                         + (f"{' and '.join(str(run.out_dir / k) for k in kept)} from the last "
                            "good save kept" if kept else "nothing was written"))
     skipped = int(run.window.skipped_total) - run.saved_skips
@@ -378,6 +378,11 @@ def save(run: Run, best: bool, latest: bool) -> None:
                                        best_val=state["best_val"]), run.out_dir / BEST)
     if latest:
         atomic_save(state, run.out_dir / LATEST)
+
+
+def _lr_names(run: Run) -> str:
+    tcfg = run.cfg.train
+    return "train.muon_lr" if tcfg.optimizer == "muon" and tcfg.muon_lr is not None else "train.lr"
 
 
 def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
@@ -396,9 +401,10 @@ def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
     if run.ranks.is_main:
         atomic_save(state, out / DIVERGED)
     raise UserError(f"the run diverged: {count} since {since} were skipped because the loss "
-                    f"or gradient was not finite (train.lr {run.cfg.train.lr:g}, the "
+                    f"or gradient was not finite ({lr_keys(run.cfg.train)}, the "
                     f"schedule at {run.scheduler.get_last_lr()[0]:.3g}){largest}; "
                     + (f"{' and '.join(kept)} kept" if kept else "no earlier checkpoint")
                     + f", step {run.step}'s state written to {out / DIVERGED} instead: lower "
-                    "train.lr or try train.precision=fp32 (or, if it recovered, rename it "
+                    f"{_lr_names(run)} or try train.precision=fp32 (or, if it recovered, "
+                    "rename it "
                     f"{LATEST} and --resume)")
