@@ -48,6 +48,7 @@ SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.num_layers=2",
          "model.num_heads=4", "model.expert_hidden=128", "model.max_position=256"]
 SMALL_V3 = ["model.kv_latent_dim=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
             "model.v_head_dim=16"]
+TAKES_DEVICE = re.compile(r"^def \w+\([^)]*\bdevice\b", re.M)  # a test or fixture
 SMALL_TESTS = "grouped_matmul and fp32 or one_token_decoding"  # a few seconds' worth
 TRAIN_CONFIG = "deepseek-v3-mini"  # with one MTP module, so decode can speculate
 
@@ -144,10 +145,10 @@ def attempt(report: Report, key: str, budget: Budget, need: float,
     start = time.monotonic()
     try:
         result = measure()
-    except Exception as exc:  # noqa: BLE001: recorded; the other measurements go on
+    except Exception as exc:  # noqa: BLE001  (recorded; the other measurements go on)
         result = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        if device().type == "cuda":
-            torch.cuda.empty_cache()
+    if device().type == "cuda":
+        torch.cuda.empty_cache()  # after an out-of-memory error, before the next one
     result["wall_s"] = round(time.monotonic() - start, 1)
     report[key] = result
     print(f"{key}: {json.dumps(result, default=str)}", flush=True)
@@ -161,7 +162,7 @@ def stage_tests(args: argparse.Namespace) -> None:
     keeps optional packages the GPU machine lacks, gguf or fastapi, out of the way)."""
     report = Report(args.out, "tests")
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                   if "device" in p.read_text(encoding="utf-8"))
+                   if TAKES_DEVICE.search(p.read_text(encoding="utf-8")))
     junit = args.work / "tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "device", "-v", "-p", "no:cacheprovider",
                f"--junitxml={junit}", *files]
@@ -258,7 +259,8 @@ def throughput_of(cfg: Config, batch: int, contender: str, compiled: bool, small
     who = build_ours(cfg, compile_options=options) if contender == "ours" else build_hf(cfg)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len + 1), device=dev)
     try:
-        step_s = time_steps(lambda: who.train_step(ids), dev, seconds, 1 if small else 3)
+        step = who.train_step
+        step_s = time_steps(lambda: step(ids), dev, seconds, 1 if small else 3)
         tokens_per_s = batch * cfg.data.seq_len / step_s
         result = {"batch": f"{batch}x{cfg.data.seq_len}", "step_ms": round(step_s * 1e3, 2),
                   "tokens_per_s": round(tokens_per_s), "flops_per_token": who.train_flops_per_token,
@@ -268,7 +270,7 @@ def throughput_of(cfg: Config, batch: int, contender: str, compiled: bool, small
             result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 1e9, 2)
         return result
     finally:
-        del who
+        who = step = None  # the model and optimizer go before the next measurement
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
