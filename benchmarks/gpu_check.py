@@ -368,7 +368,7 @@ def stage_train(args: argparse.Namespace) -> None:
 
         held_out.write_text("\n<|endoftext|>\n".join(demo_stories(40, 99)) + "\n")
     else:
-        data = Path(args.data) if args.data else None
+        data = Path(args.data).resolve() if args.data else None
         if data is None or not (data / "train.txt").is_file():
             report["skipped"] = (f"no training text at {data}: build the stage here "
                                  "(scripts/gpu_check.sh --stage) and carry .gpu-stage")
@@ -410,7 +410,7 @@ def stage_train(args: argparse.Namespace) -> None:
     report["checkpoint"] = str(ckpt)
     score = [sys.executable, "-m", "deepseek_mini", "eval", "--checkpoint", str(ckpt),
              "--data", str(held_out), "--json", "--batch-size", "32"]
-    done = subprocess.run(score, cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run(score, cwd=ROOT, env=package_env(), capture_output=True, text=True,
                           timeout=max(budget.left(), 30))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     report["held_out"] = json.loads(lines[-1]) if lines else {
@@ -433,12 +433,16 @@ def planned_steps(args: argparse.Namespace, seconds: float) -> int:
     return max(int(0.8 * seconds * tokens_per_s / (SEED_BATCH * SEQ_LEN)), 20)
 
 
+def package_env() -> dict[str, str]:
+    """The environment with src/ on the path, for ``python -m deepseek_mini``."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}"
+            f"{os.environ.get('PYTHONPATH', '')}"}
+
+
 def run_until(command: list[str], seconds: float) -> int:
     """Run ``command``; after ``seconds`` send SIGTERM (the trainer saves and exits 130),
     and SIGKILL 60 s later."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}"
-           f"{os.environ.get('PYTHONPATH', '')}"}
-    with subprocess.Popen(command, cwd=ROOT, env=env) as proc:
+    with subprocess.Popen(command, cwd=ROOT, env=package_env()) as proc:
         try:
             return proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
