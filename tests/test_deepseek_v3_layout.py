@@ -27,12 +27,12 @@ def lively(model: DeepSeekMini) -> DeepSeekMini:
     return model.eval()
 
 
-def test_absorbed_decoding_matches_the_plain_form_at_every_step():
+def test_absorbed_decoding_matches_the_plain_form_at_every_step(device):
     """64 greedy tokens, batch 3, left padding: each step's logits from the latent cache
     (absorbed) equal a full recompute (plain form) within 1e-4."""
     torch.manual_seed(0)
-    model = lively(DeepSeekMini(small_config(**V3).model))
-    ids = torch.randint(0, 256, (3, 7))
+    model = lively(DeepSeekMini(small_config(**V3).model)).to(device)
+    ids = torch.randint(0, 256, (3, 7)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     mask[1, :1] = 0
@@ -134,19 +134,20 @@ def test_new_keys_are_checked(key, value, message):
         small_config(**{key: value, **({"router": "sigmoid"} if key == "n_group" else {})})
 
 
-def test_static_cache_decoding_matches_the_eager_cache():
+def test_static_cache_decoding_matches_the_eager_cache(device):
     """The compiled decode step's static cache holds the rope keys too."""
     torch.manual_seed(4)
-    model = lively(DeepSeekMini(small_config(**V3).model))
-    ids = torch.randint(0, 256, (2, 5))
+    model = lively(DeepSeekMini(small_config(**V3).model)).to(device)
+    ids = torch.randint(0, 256, (2, 5)).to(device)
     logits = []
     for static in (False, True):
         cache = model.new_cache(2, 12, static=static)
         with torch.no_grad():
             out = [model(ids, cache=cache).logits[:, -1]]
             for t in range(6):
-                out.append(model(torch.full((2, 1), t + 1), cache=cache,
-                                 positions=torch.full((2, 1), 5 + t)).logits[:, -1])
+                out.append(model(torch.full((2, 1), t + 1, device=device), cache=cache,
+                                 positions=torch.full((2, 1), 5 + t, device=device)
+                                 ).logits[:, -1])
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 

@@ -137,22 +137,31 @@ def test_quantize_replaces_every_matrix_but_the_router(mode):
 
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_quantized_cached_decoding_equals_uncached(layout, mode):
+def test_quantized_cached_decoding_equals_uncached(layout, mode, device, request):
     """Greedy tokens of the latent cache (absorbed for latent_rope) equal full recomputation
     of the same quantized model, batch 2 with left padding; each step's logits agree within
     0.05 (bf16 activations, and the cast GEMM where the prefill has many rows); and the
-    quantized model stays close to its fp32 original (logits within 5% relative)."""
+    quantized model stays close to its fp32 original (logits within 5% relative).
+
+    The commands refuse ``--quantize`` off the CPU (``check_device``); on CUDA this runs
+    the same model-level paths to learn whether they would work there: int8's
+    ``torch._weight_int8pack_mm`` may have no CUDA kernel, so a failure there is expected
+    (xfail, not strict) rather than a regression."""
+    if device.type != "cpu" and mode == "int8":
+        request.applymarker(pytest.mark.xfail(reason="int8 weight-only kernel: CPU only",
+                                              strict=False))
     torch.manual_seed(0)
-    fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model))
+    fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model)).to(device)
     model = quantize(copy.deepcopy(fp32), mode)
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     cached = generate(model, ids, max_new_tokens=24, attention_mask=mask)
     assert torch.equal(cached, generate(model, ids, max_new_tokens=24, attention_mask=mask,
                                         use_cache=False))
     with torch.inference_mode():
-        full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long)], 1)
+        full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long, device=device)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
         full = model(cached, positions=positions, attention_mask=full_mask).logits
         cache = model.new_cache(2, cached.shape[1])

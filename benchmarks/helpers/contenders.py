@@ -43,15 +43,19 @@ class Contender:
     precision: Precision | None = None
 
 
-def build_ours(cfg: Config, name: str = "ours") -> Contender:
-    """The trainer's own ``train_step`` on the model and optimizer it would build."""
+def build_ours(cfg: Config, name: str = "ours",
+               compile_options: dict | None = None) -> Contender:
+    """The trainer's own ``train_step`` on the model and optimizer it would build;
+    ``compile_options`` go to ``torch.compile`` when ``train.compile`` is on (a backend
+    other than inductor, say, where no C++ compiler should run)."""
     from deepseek_mini.inference.generate import generate
     from deepseek_mini.train import step as trainer
     from deepseek_mini.train.optim import build_optimizer
 
     precision = setup_precision(cfg.train)
     model = DeepSeekMini(cfg.model).to(precision.device)
-    train_model = compile_model(model) if cfg.train.compile else model
+    train_model = (compile_model(model, **(compile_options or {})) if cfg.train.compile
+                   else model)
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
 
