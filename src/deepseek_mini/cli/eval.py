@@ -182,7 +182,7 @@ def _instruct_run(args: argparse.Namespace, device: torch.device, note: str | No
     report = run_instruct_eval(tasks, backend, args.prompt_style, decodings, args.seed)
     if _write_json(args.json, report.to_dict()):
         return
-    source = "held-out stories" if args.held_out else args.data
+    source = "the run's held-out stories" if args.held_out else args.data
     print(f"{len(tasks)} stories of {source}, {args.prompt_style} prompts, at most "
           f"{args.max_new_tokens} new tokens")
     print(instruct_table(report))
