@@ -280,6 +280,10 @@ def test_eval_instruct_is_deterministic(capsys, trained):
      "--max-stories must be positive, got 0"),
     (["--instruct", "--data", "{data}", "--temperature", "-1"], "--temperature"),
     (["--instruct"], "--data FILE is required (or --instruct --held-out)"),
+    (["--instruct", "--held-out", "--set", "data.seq_len=8"],
+     "--set changes the keys of --config: give --config too"),
+    (["--instruct", "--data", "{data}", "--json", "/no/such/dir/r.json"],
+     "--json /no/such/dir/r.json: its folder does not exist"),
 ])
 def test_bad_instruct_arguments(capsys, trained, extra, message):
     root, path = trained

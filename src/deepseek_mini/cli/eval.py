@@ -66,6 +66,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.held_out and args.hf_model and not args.config:
         raise UserError("--held-out with --hf-model needs --config: the training run's "
                         "data and seed say which stories it held out")
+    if args.set and not args.config:
+        raise UserError("--set changes the keys of --config: give --config too")
+    if args.json not in (None, "-") and not Path(args.json).expanduser().parent.is_dir():
+        raise UserError(f"--json {args.json}: its folder does not exist")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     check_sampling(args.temperature, args.top_k, None, CLI_NAMES)
@@ -142,14 +146,14 @@ def _write_json(target: str | None, report: dict[str, Any]) -> bool:
     if target == "-":
         print(text)
         return True
-    atomic_write_text(text + "\n", Path(target))
+    atomic_write_text(text + "\n", Path(target).expanduser())
     return False
 
 
 def _held_out_stories(args: argparse.Namespace, trained: Config | None) -> list[str]:
     """--held-out: the documents the run's split kept for validation (the run: --config
     and --set when given, else the checkpoint's own config)."""
-    cfg = Config.from_yaml(args.config, args.set) if args.config or args.set else trained
+    cfg = Config.from_yaml(args.config, args.set) if args.config else trained
     if cfg is None:
         raise UserError("--held-out needs --config (the training run's data and seed)")
     docs = list(islice(held_out_documents(cfg.data, cfg.train.seed),
@@ -160,8 +164,8 @@ def _held_out_stories(args: argparse.Namespace, trained: Config | None) -> list[
 
 
 def _instruct_run(args: argparse.Namespace, device: torch.device, note: str | None) -> None:
-    if args.data:
-        read_documents(args.data)  # a missing or binary file fails before the model loads
+    # a missing or binary file fails before the (slow) model load
+    given = read_documents(args.data) if args.data else None
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_k)
     trained: Config | None = None
     if args.hf_model:
@@ -175,7 +179,7 @@ def _instruct_run(args: argparse.Namespace, device: torch.device, note: str | No
                                                  tokenizer=args.tokenizer,
                                                  quantize=args.quantize)
         backend = CheckpointBackend(model, tok, decoding)
-    docs = _held_out_stories(args, trained) if args.held_out else read_documents(args.data)
+    docs = given if given is not None else _held_out_stories(args, trained)
     tasks = tasks_from_documents(docs, args.seed, args.max_stories)
     decodings = DECODINGS if args.decoding == "both" else (args.decoding,)
     print_note(note)

@@ -109,7 +109,7 @@ def _add_instruct_eval(p: argparse.ArgumentParser) -> None:
                         "and count what was asked and done")
     g.add_argument("--held-out", action="store_true",
                    help="the stories a training run held out (its data and seed: --config "
-                        "and --set, else the checkpoint's), in place of --data")
+                        "with any --set, else the checkpoint's config), in place of --data")
     _add_config(g)
     g.add_argument("--max-stories", type=int, default=20, help="stories to write for")
     g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per story at most")
