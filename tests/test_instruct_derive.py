@@ -310,3 +310,13 @@ def test_hf_backend_writes_and_scores(tmp_path, smollm2_tokenizer):
     again = run_instruct_eval(tasks, backend, "record", ("greedy", "sampled"), 0,
                               progress=False)
     assert again.stories == report.stories
+
+
+def test_loss_eval_json_file_writes_it_and_prints_the_table(capsys, trained, tmp_path):
+    root, path = trained
+    out = tmp_path / "loss.json"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(root / "run" / "latest.pt"), "--data", str(path),
+                 "--max-tokens", "64", "--json", str(out)]) == 0
+    assert "nats/token" in capsys.readouterr().out
+    assert json.loads(out.read_text())["tokens"] == 64
