@@ -151,10 +151,16 @@ class DataConfig:
     num_workers: int = 2
     max_documents: int | None = None  # stop after this many documents (bounds a Hub download)
     windows: str = "grid"  # grid (a seeded shifted grid) | documents (from document starts)
+    instruct: str = "none"  # none | derive (plain stories become TinyStoriesInstruct records)
+    instruct_fraction: float = 0.8  # derive: the share of plain stories made records
 
     def validate(self) -> None:
         _one_of(self, "source", ("tinystories-instruct", "demo", "files"))
         _one_of(self, "windows", ("grid", "documents"))
+        _one_of(self, "instruct", ("none", "derive"))
+        if not 0.0 <= self.instruct_fraction <= 1.0:
+            raise ConfigError(f"data.instruct_fraction must be in [0, 1], got "
+                              f"{self.instruct_fraction}")
         _positive(self, "seq_len", "demo_stories", "num_workers")
         if self.max_documents is not None:
             _positive(self, "max_documents")

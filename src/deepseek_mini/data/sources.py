@@ -24,6 +24,7 @@ from typing import IO
 from ..config import DataConfig
 from ..errors import UserError
 from .demo_corpus import demo_stories
+from .derive import derive_documents
 from .hub import hub_reachable
 from .tokenizer import EOS_TOKEN
 
@@ -45,7 +46,9 @@ def warn(message: str) -> None:
 
 def documents(data: DataConfig, seed: int) -> Iterator[str]:
     """The configured source's documents in a fixed order, at most ``data.max_documents``
-    (``seed`` draws the demo corpus)."""
+    (``seed`` draws the demo corpus and, with ``data.instruct: derive``, the records made
+    of plain stories: one document each, so the train / validation split is the same
+    with derivation on or off)."""
     if data.source == "demo":
         count = min(data.demo_stories, data.max_documents or data.demo_stories)
         docs: Iterable[str] = demo_stories(count, seed)
@@ -53,7 +56,10 @@ def documents(data: DataConfig, seed: int) -> Iterator[str]:
         docs = (doc for path in resolve_files(data.files) for doc in read_file(path))
     else:
         docs = instruct_records_from_hub()
-    return islice(docs, data.max_documents)
+    docs = islice(docs, data.max_documents)
+    if data.instruct == "derive":
+        return derive_documents(docs, seed, data.instruct_fraction)
+    return docs
 
 
 def resolve_files(patterns: list[str]) -> list[Path]:
