@@ -103,6 +103,44 @@ def exclude_from_compile() -> None:
         grouped_matmul._excluded_from_compile = True
 
 
+class _Dispatch(torch.autograd.Function):
+    """The token row of every (token, slot) pair in expert order, ``tokens[order // k]``.
+
+    Its gradient sums each token's k rows, which sit at ``inverse`` (``order``'s inverse
+    permutation): a gather and a sum over k, where autograd's own backward of the
+    indexing zero-fills a buffer and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return tokens.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        by_slot = grad.index_select(0, inverse)
+        return by_slot.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Rows ``x[index]`` for a permutation ``index`` whose inverse is ``inverse``; the
+    gradient is the gradient's rows at ``inverse``: a gather both ways (``index_select``'s
+    own backward would zero-fill and scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class RoutedExperts(nn.Module):
     """``num_experts`` MLPs whose weights are stacked into single tensors."""
 
@@ -190,7 +228,9 @@ class MoE(nn.Module):
             counts = F.one_hot(flat_expert, self.num_experts).sum(0)
             return self.experts.gathered(slots, flat_expert).view(*chosen.shape, -1), counts
         order = flat_expert.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
-        expert_out = self.experts(tokens[order // self.top_k], counts)
+        expert_out = self.experts(_Dispatch.apply(tokens, order, inverse, self.top_k), counts)
         # back to (token, slot) order: a gather
-        return expert_out.index_select(0, order.argsort()).view(*chosen.shape, -1), counts
+        return _Permute.apply(expert_out, inverse, order).view(*chosen.shape, -1), counts
