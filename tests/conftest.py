@@ -1,5 +1,10 @@
-"""Shared fixtures: one thread for every test, and the real SmolLM2 tokenizer. Small
-configs and the tiny training setup are in tiny_run.py."""
+"""Shared fixtures: one thread for every test, the real SmolLM2 tokenizer, and ``device``:
+the tests of the paths a GPU changes (forward/backward per precision, grouped expert GEMMs,
+attention, cached/absorbed/speculative decoding, training steps, exact resume, quantized
+decoding) take it and run on CUDA when there is one, on the CPU otherwise. Every test
+that takes ``device`` carries the ``device`` marker, so ``pytest -m device`` is that
+subset (scripts/gpu_check.sh runs it on the GPU). Small configs and the tiny training
+setup are in tiny_run.py."""
 
 from __future__ import annotations
 
@@ -15,6 +20,38 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE_VARIABLE = "DEEPSEEK_MINI_TEST_DEVICE"  # cpu | cuda: overrides the choice below
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else the CPU; ``DEEPSEEK_MINI_TEST_DEVICE`` picks one by name
+    (the CPU on a GPU machine, say)."""
+    name = os.environ.get(DEVICE_VARIABLE) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on ``device`` (directly or through a fixture), so the
+    marker can never be forgotten on one."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return pick_device()
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls_stay_exact():
+    """``setup_precision`` sets TF32 for CUDA fp32 matmuls process-wide (train.tf32 is on
+    by default); restore the precision after each test so no later fp32 comparison on a
+    GPU runs on 10-bit mantissas."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
 
 
 @pytest.fixture(scope="session")

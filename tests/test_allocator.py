@@ -1,6 +1,6 @@
 """allocator.keep_freed_memory: a training step's freed buffers are reused at the next
 step instead of page-faulting fresh ones from the kernel (the system time a CPU step
-lost, BENCHMARKS.md issue 21)."""
+lost, BENCHMARKS.md "Keeping freed memory")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Continuous batching: rows joining and leaving the latent cache, and requests that give
-the same greedy tokens alone as when they share steps with others."""
+the same greedy tokens alone as when they share steps with others, and as ``generate``.
+
+The model's hidden projections are redrawn large (``tiny_run.position_sensitive``): at the
+usual initialisation an untrained model ignores RoPE positions, and a batcher feeding
+every token one position late gave the very tokens ``generate`` gives."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ EOS = 0
 def model() -> DeepSeekMini:
     torch.manual_seed(0)
     cfg = tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48)
-    return DeepSeekMini(cfg.model).eval()
+    return tiny_run.position_sensitive(DeepSeekMini(cfg.model).eval())
 
 
 def reference(model: DeepSeekMini, prompt: list[int], max_tokens: int) -> list[int]:
@@ -126,6 +130,32 @@ def test_greedy_requests_get_the_same_tokens_alone_or_batched(model, monkeypatch
         expected = "length" if len(collect.tokens) == min(budget, 48 - len(prompt)) else "stop"
         assert collect.finish == Finish(expected)
     assert compactions  # the shared cache ran out of slots on the way and was compacted
+    # the model tells positions apart: one position off, some request would differ
+    assert any(tiny_run.shifted_greedy(model, prompt, len(collect.tokens)) != collect.tokens
+               for (prompt, _), collect in zip(work, collects, strict=True))
+
+
+@torch.inference_mode()
+def test_a_request_alone_gets_generates_tokens_in_the_deepseek_v3_layout():
+    """The decoupled rope key is rotated at the positions the batcher feeds, too."""
+    torch.manual_seed(0)
+    cfg = tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48,
+                                attention="latent_rope", router="sigmoid", qk_nope_head_dim=12,
+                                qk_rope_head_dim=8, v_head_dim=12, kv_latent_dim=20)
+    model = tiny_run.position_sensitive(DeepSeekMini(cfg.model).eval())
+    batcher = Batcher(model, EOS, max_batch=2).start()
+    try:
+        work = prompts(2, seed=11)
+        collects = [Collect() for _ in work]
+        for prompt, collect in zip(work, collects, strict=True):
+            batcher.submit(Request(prompt, 30, collect))
+        assert all(collect.done.wait(60) for collect in collects)
+    finally:
+        batcher.close()
+    for prompt, collect in zip(work, collects, strict=True):
+        assert collect.tokens == reference(model, prompt, 30)
+    assert any(tiny_run.shifted_greedy(model, prompt, len(collect.tokens)) != collect.tokens
+               for prompt, collect in zip(work, collects, strict=True))
 
 
 @torch.inference_mode()

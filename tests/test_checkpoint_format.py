@@ -59,9 +59,21 @@ def run_config(data_overrides: list[str], out: Path) -> Config:
                                         "train.eval_interval=2", "train.log_interval=2"])
 
 
+# The pre-layers checkpoint was written on another machine. Its steps 1-2 ran through that
+# CPU's oneDNN kernels (AMX, AVX-512 and AVX2 ones sum in other orders), so today's run of
+# steps 1-2 here matches it to rounding, not bit for bit; AdamW divides each gradient by
+# its running RMS, so an element whose gradient is tiny can move its weight by a good part
+# of an update whatever the rounding. Measured after steps 3-4: weights 8e-7 apart on an
+# Intel AMX machine, 1.6e-5 (one element of 8,192) on an AMD EPYC Zen 3 (AVX2). The bound
+# is 1/30 of train.lr (3e-3), far below what a change of training would move. Bit-exactness
+# is checked where it holds: on what one machine writes and reads back.
+CROSS_MACHINE_ATOL = 1e-4
+
+
 def test_a_run_from_before_the_layers_resumes_exactly(data_overrides, tmp_path):
     """Steps 3-4 resumed from the old code's step-2 checkpoint equal an uninterrupted run
-    of today's code: same format, same training."""
+    of today's code: same format, same training (to the rounding of another machine's
+    kernels); and a step-2 checkpoint written here resumes to that run bit for bit."""
     straight = tmp_path / "straight"
     train(run_config(data_overrides, straight), stop_after=4)
     resumed = tmp_path / "resumed"
@@ -69,8 +81,12 @@ def test_a_run_from_before_the_layers_resumes_exactly(data_overrides, tmp_path):
     (resumed / LATEST).write_bytes((PRE_LAYERS / LATEST).read_bytes())
     # the same tokenizer, fitted again in this test's folder: another path
     train(run_config(data_overrides, resumed), resume=True, stop_after=2, allow_changes=True)
-    a, b = load_checkpoint(straight / LATEST), load_checkpoint(resumed / LATEST)
-    assert a["step"] == b["step"] == 4
-    assert set(a) == set(b) == {"model", "config", *TRAINING_STATE}
+    here = tmp_path / "here"
+    train(run_config(data_overrides, here), stop_after=2)
+    train(run_config(data_overrides, here), resume=True, stop_after=2)
+    a, b, c = (load_checkpoint(run / LATEST) for run in (straight, resumed, here))
+    assert a["step"] == b["step"] == c["step"] == 4
+    assert set(a) == set(b) == set(c) == {"model", "config", "val_windows", *TRAINING_STATE}
     for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=CROSS_MACHINE_ATOL)
+        torch.testing.assert_close(c["model"][name], tensor, rtol=0, atol=0)

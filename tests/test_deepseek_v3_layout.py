@@ -27,12 +27,12 @@ def lively(model: DeepSeekMini) -> DeepSeekMini:
     return model.eval()
 
 
-def test_absorbed_decoding_matches_the_plain_form_at_every_step():
+def test_absorbed_decoding_matches_the_plain_form_at_every_step(device):
     """64 greedy tokens, batch 3, left padding: each step's logits from the latent cache
     (absorbed) equal a full recompute (plain form) within 1e-4."""
     torch.manual_seed(0)
-    model = lively(DeepSeekMini(small_config(**V3).model))
-    ids = torch.randint(0, 256, (3, 7))
+    model = lively(DeepSeekMini(small_config(**V3).model)).to(device)
+    ids = torch.randint(0, 256, (3, 7)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     mask[1, :1] = 0
@@ -134,25 +134,26 @@ def test_new_keys_are_checked(key, value, message):
         small_config(**{key: value, **({"router": "sigmoid"} if key == "n_group" else {})})
 
 
-def test_static_cache_decoding_matches_the_eager_cache():
+def test_static_cache_decoding_matches_the_eager_cache(device):
     """The compiled decode step's static cache holds the rope keys too."""
     torch.manual_seed(4)
-    model = lively(DeepSeekMini(small_config(**V3).model))
-    ids = torch.randint(0, 256, (2, 5))
+    model = lively(DeepSeekMini(small_config(**V3).model)).to(device)
+    ids = torch.randint(0, 256, (2, 5)).to(device)
     logits = []
     for static in (False, True):
         cache = model.new_cache(2, 12, static=static)
         with torch.no_grad():
             out = [model(ids, cache=cache).logits[:, -1]]
             for t in range(6):
-                out.append(model(torch.full((2, 1), t + 1), cache=cache,
-                                 positions=torch.full((2, 1), 5 + t)).logits[:, -1])
+                out.append(model(torch.full((2, 1), t + 1, device=device), cache=cache,
+                                 positions=torch.full((2, 1), 5 + t, device=device)
+                                 ).logits[:, -1])
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
 
 
 def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys):
-    """Issue 26: ``model.first_k_dense`` > 0 died at its first validation (expert counts
+    """Fixed bug: ``model.first_k_dense`` > 0 died at its first validation (expert counts
     assumed every layer has experts). Trained with an MTP module too, such a model
     validates, logs its MoE layers' usage under their own indices (dense layer 0 has
     none), plots, evaluates with ``--experts``, serves, and exports to transformers'
@@ -226,10 +227,10 @@ def test_leading_dense_layers_and_mtp_go_through_every_command(tmp_path, capsys)
 
 def test_a_dense_model_trains_validates_and_evaluates(tmp_path, capsys):
     """``first_k_dense == num_layers`` is the dense model of the MoE-against-dense
-    comparison (issue 21): every layer a dense MLP as wide as the experts a token runs
-    (top_k + shared), so the active FLOPs match. It has no routers, no router loss and no
-    expert statistics: training validates, eval scores it and refuses ``--experts`` in one
-    line."""
+    comparison (BENCHMARKS.md, "The levers"): every layer a dense MLP as wide as the
+    experts a token runs (top_k + shared), so the active FLOPs match. It has no routers, no
+    router loss and no expert statistics: training validates, eval scores it and refuses
+    ``--experts`` in one line."""
     from tiny_run import TINY_YAML, tiny_overrides
 
     from deepseek_mini.cli.main import main

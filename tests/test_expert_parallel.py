@@ -48,7 +48,8 @@ ATOL = 1e-5
 # AdamW divides by the root of its second moment, so on a weight whose gradient is near 0
 # the last bits of a sum taken in another order move the update by a share of lr: at the
 # tiny config's lr, rounding alone moves weights past 1e-5 in one step (BENCHMARKS.md,
-# issue 25, benchmarks/adam_rounding_floor.py). The EP runs are compared at a tenth of it.
+# "Expert parallelism", benchmarks/distributed/adam_rounding_floor.py). The EP runs are
+# compared at a tenth of it.
 LR = 3e-4
 CLIP = 0.01  # below every step's gradient norm: the clipping is part of what must match
 STEPS = 3
@@ -279,16 +280,15 @@ def test_a_forced_router_sends_every_token_to_one_expert():
 
 # The command line: the tiny training setup of test_distributed.py (global batch 4). Two EP
 # ranks with micro batches of 1 dispatch 2 rows together: one process with micro batches
-# of 2 is the run they must reproduce. Validation batches are micro batches, so both score
-# every validation window (eval_batches above their number: 21 windows of a 1% split) to
-# score the same tokens.
+# of 2 is the run they must reproduce. Both validate on eval_batches x batch_size = 12 of
+# the 21 windows of a 1% split, the same 12 whatever the micro batch and the processes.
 EP = ["--set", "train.expert_parallel=2"]
 
 
 @pytest.fixture(scope="module")
 def ep_overrides(tmp_path_factory) -> list[str]:
     return [*tiny_overrides(tmp_path_factory.mktemp("ep-data")), *DISTRIBUTED,
-            "data.val_fraction=0.01", "train.eval_batches=1000", f"train.lr={LR}",
+            "data.val_fraction=0.01", "train.eval_batches=3", f"train.lr={LR}",
             f"train.min_lr={LR / 10}"]
 
 

@@ -63,7 +63,7 @@ def test_collapse_streaks_survive_a_checkpoint_round_trip():
 
 def test_rows_are_named_by_their_layer_in_the_model():
     """With model.first_k_dense = 2 the first MoE layer is layer 2: the table, the
-    collapse warning and the metrics row say so (issue 26)."""
+    collapse warning and the metrics row say so."""
     usage = ExpertUsage.from_counts(COUNTS, ENTROPY, first_layer=2)
     assert usage.layers == [2, 3] and usage.starved() == [(3, 0)]
     assert [row.split()[0] for row in usage.table().splitlines()[1:]] == ["2", "3"]

@@ -1,5 +1,5 @@
 """Each fast path computes what the plain way computes: the whole model against
-benchmarks/plain_model.py (explicit softmax attention with repeated KV heads, per-slot and
+benchmarks/helpers/plain_model.py (explicit softmax attention with repeated KV heads, per-slot and
 per-expert loops, full-logits cross-entropy, uncached decoding), and the pieces one by one
 (grouped expert GEMMs, chunked cross-entropy through the LM head, fused AdamW)."""
 
@@ -37,6 +37,11 @@ def model_pair(*overrides: str) -> tuple[DeepSeekMini, PlainDeepSeekMini]:
     return ours, plain
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize("overrides", [
     ("model.expert_activation=gelu",),
     ("model.expert_activation=swiglu",),
@@ -44,10 +49,10 @@ def model_pair(*overrides: str) -> tuple[DeepSeekMini, PlainDeepSeekMini]:
     ("model.num_heads=2", "model.num_kv_heads=2", "model.top_k=1"),
     ("model.expert_hidden=90",),
 ])
-def test_model_matches_plain_implementation_in_loss_logits_and_gradients(overrides):
-    ours, plain = model_pair(*overrides)
-    ids = torch.randint(0, 256, (3, 24))
-    targets = torch.randint(0, 256, (3, 24))
+def test_model_matches_plain_implementation_in_loss_logits_and_gradients(overrides, device):
+    ours, plain = (m.to(device) for m in model_pair(*overrides))
+    ids = torch.randint(0, 256, (3, 24)).to(device)
+    targets = torch.randint(0, 256, (3, 24)).to(device)
     targets[0, :5] = -100
     out = ours(ids, targets=targets)
     logits, loss = plain(ids, targets)
@@ -61,20 +66,47 @@ def test_model_matches_plain_implementation_in_loss_logits_and_gradients(overrid
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_cached_generation_matches_uncached_plain_decoding():
-    ours, plain = model_pair("model.num_layers=2")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_16_bit_autocast_forward_and_backward_stay_near_fp32(activation, dtype, device):
+    """Under autocast (the trainer's bf16 and fp16) the loss, logits and every gradient
+    stay near the fp32 plain model's: bf16 keeps 8 significant bits, so a few roundings
+    through two layers land within a few percent; fp16 (11 bits) too, once the loss is
+    scaled as the trainer's GradScaler scales it (unscaled, fp16's small gradients
+    underflow: the queries' came out 56% off). The CPU has autocast for both, so this runs
+    there too (emulated, but tiny)."""
+    ours, plain = (m.to(device) for m in model_pair(f"model.expert_activation={activation}"))
+    ids = torch.randint(0, 256, (3, 24)).to(device)
+    targets = torch.randint(0, 256, (3, 24)).to(device)
+    with torch.autocast(device.type, dtype=dtype):
+        out = ours(ids, targets=targets)
+    logits, loss = plain(ids, targets)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert relative_error(out.logits, logits) < 0.03
+    assert abs(out.loss.item() - loss.item()) < 0.01 * loss.item()
+    scale = 2.0 ** 16 if dtype == torch.float16 else 1.0  # GradScaler's first scale
+    (out.loss * scale).backward()
+    loss.backward()
+    plain_grads = dict(plain.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        assert relative_error(p.grad / scale, plain_grads[name].grad) < 0.08, name
+
+
+def test_cached_generation_matches_uncached_plain_decoding(device):
+    ours, plain = (m.to(device) for m in model_pair("model.num_layers=2"))
     ours.eval()
-    prompt = torch.randint(0, 256, (3, 7))
+    prompt = torch.randint(0, 256, (3, 7)).to(device)
     expected = plain.generate(prompt, 12)
     assert torch.equal(generate(ours, prompt, max_new_tokens=12, temperature=0.0), expected)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_one_token_decoding_step_matches_plain_forward(activation):
+def test_one_token_decoding_step_matches_plain_forward(activation, device):
     """Batch-1, one-token steps go through whatever small-batch MoE path exists."""
-    ours, plain = model_pair(f"model.expert_activation={activation}")
+    ours, plain = (m.to(device) for m in model_pair(f"model.expert_activation={activation}"))
     ours.eval()
-    ids = torch.randint(0, 256, (1, 10))
+    ids = torch.randint(0, 256, (1, 10)).to(device)
     cache = ours.new_cache(1, 10)
     with torch.no_grad():
         ours(ids[:, :9], cache=cache)
@@ -83,23 +115,29 @@ def test_one_token_decoding_step_matches_plain_forward(activation):
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("counts", "width"), [([5, 0, 9, 2], 12), ([0, 0, 16, 0], 8),
                                                 ([1, 1, 1, 1], 8), ([3, 4, 0, 2], 6)])
-def test_grouped_matmul_matches_a_loop_over_experts_forward_and_backward(counts, width):
-    """Width 6 (24-byte rows) is too narrow for ``_grouped_mm`` and takes the loop."""
+def test_grouped_matmul_matches_a_loop_over_experts_forward_and_backward(counts, width, dtype,
+                                                                         device):
+    """Width 6 (24-byte rows) is too narrow for ``_grouped_mm`` and takes the loop; so do
+    12-wide bf16 rows (24 bytes). bf16 is the dtype CUDA's ``_grouped_mm`` runs (Hopper
+    and newer); its products sum in a different order than the loop's, so they agree
+    within bf16's rounding (eps 2**-8, a few roundings)."""
     torch.manual_seed(0)
-    x = torch.randn(sum(counts), 8, requires_grad=True)
-    w = torch.randn(len(counts), 8, width, requires_grad=True)
-    grad_out = torch.randn(sum(counts), width)
-    fast = grouped_matmul(x, w, torch.tensor(counts))
+    x = torch.randn(sum(counts), 8).to(device, dtype).requires_grad_()
+    w = torch.randn(len(counts), 8, width).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(sum(counts), width).to(device, dtype)
+    fast = grouped_matmul(x, w, torch.tensor(counts, device=device))
     (fast * grad_out).sum().backward()
     fast_grads = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
     slow = torch.cat([chunk @ w[e] for e, chunk in enumerate(x.split(counts))])
     (slow * grad_out).sum().backward()
-    torch.testing.assert_close(fast, slow)
-    torch.testing.assert_close(fast_grads[0], x.grad)
-    torch.testing.assert_close(fast_grads[1], w.grad)
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 3e-2}
+    torch.testing.assert_close(fast, slow, **tol)
+    torch.testing.assert_close(fast_grads[0], x.grad, **tol)
+    torch.testing.assert_close(fast_grads[1], w.grad, **tol)
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
@@ -180,21 +218,25 @@ def test_fused_adamw_matches_the_per_tensor_loop():
         torch.testing.assert_close(p, q, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_compiled_model_matches_eager_forward_and_backward():
+def test_compiled_model_matches_eager_forward_and_backward(device):
     """Dynamo traces the whole model but the grouped expert product (fp32 on the CPU has
-    no fake-tensor rule for ``_grouped_mm``); the compiled model computes the same."""
+    no fake-tensor rule for ``_grouped_mm``); the compiled model computes the same. On
+    the CPU dynamo's graph runs eagerly (inductor would spend a minute in a C++ compiler);
+    on CUDA inductor generates the kernels the trainer's ``train.compile`` runs."""
     cfg = Config.from_yaml(TINY, overrides=[
         "model.vocab_size=256", "model.hidden_size=64", "model.num_layers=1",
         "model.expert_hidden=64"]).model
     torch.manual_seed(0)
-    model = DeepSeekMini(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    model = DeepSeekMini(cfg).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16)).to(device)
     eager = model(ids, targets=ids)
     eager.loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = compile_model(model, backend="eager", dynamic=False)(ids, targets=ids)
+    backend = "inductor" if device.type == "cuda" else "eager"
+    compiled = compile_model(model, backend=backend, dynamic=False)(ids, targets=ids)
     compiled.loss.backward()
-    torch.testing.assert_close(compiled.loss, eager.loss)
+    tol = {} if backend == "eager" else {"rtol": 1e-4, "atol": 1e-5}  # fused kernels' order
+    torch.testing.assert_close(compiled.loss, eager.loss, **tol)
     for grad, expected in zip((p.grad for p in model.parameters()), eager_grads, strict=True):
-        torch.testing.assert_close(grad, expected)
+        torch.testing.assert_close(grad, expected, **tol)

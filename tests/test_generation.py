@@ -37,9 +37,16 @@ def model() -> DeepSeekMini:
     return DeepSeekMini(small_config().model).eval()
 
 
+@pytest.fixture(scope="module")
+def device_model(device) -> DeepSeekMini:
+    """The same model on the test device: the cache's paths against recomputation there."""
+    torch.manual_seed(0)
+    return DeepSeekMini(small_config().model).to(device).eval()
+
+
 def left_pad(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=prompts[0].device)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = p
@@ -51,7 +58,7 @@ def cached_logits(model: DeepSeekMini, ids: torch.Tensor, prompt_len: int,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Last-position logits of a prefill of ``ids[:, :prompt_len]``, then of each later token
     fed alone through the cache: [B, T - prompt_len + 1, V]."""
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     if mask is not None:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = model.new_cache(ids.shape[0], ids.shape[1])
@@ -66,15 +73,19 @@ def cached_logits(model: DeepSeekMini, ids: torch.Tensor, prompt_len: int,
 
 @pytest.mark.parametrize("prompt_len", [1, 4, 13])
 @torch.inference_mode()
-def test_cached_logits_match_full_recomputation(model, prompt_len):
+def test_cached_logits_match_full_recomputation(device_model, prompt_len):
+    model = device_model
     ids = torch.randint(0, 512, (2, prompt_len + 10), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(model.device)
     full = model(ids).logits[:, prompt_len - 1:]
     torch.testing.assert_close(cached_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 4, 13])
-def test_greedy_tokens_with_cache_equal_those_without(model, prompt_len):
+def test_greedy_tokens_with_cache_equal_those_without(device_model, prompt_len):
+    model = device_model
     prompt = torch.randint(0, 512, (2, prompt_len), generator=torch.Generator().manual_seed(2))
+    prompt = prompt.to(model.device)
     cached = generate(model, prompt, max_new_tokens=15)
     assert cached.shape == (2, prompt_len + 15)
     assert torch.equal(cached[:, :prompt_len], prompt)
@@ -82,12 +93,13 @@ def test_greedy_tokens_with_cache_equal_those_without(model, prompt_len):
 
 
 @torch.inference_mode()
-def test_left_padded_batch_logits_match_each_prompt_alone(model):
+def test_left_padded_batch_logits_match_each_prompt_alone(device_model):
+    model = device_model
     g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, 512, (n,), generator=g) for n in (3, 11, 7)]
+    seqs = [torch.randint(0, 512, (n,), generator=g).to(model.device) for n in (3, 11, 7)]
     follow = 6  # tokens fed one by one after the prompts
     ids, mask = left_pad(seqs)
-    tail = torch.randint(0, 512, (3, follow), generator=g)
+    tail = torch.randint(0, 512, (3, follow), generator=g).to(model.device)
     full_ids = torch.cat([ids, tail], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(tail)], dim=1)
     batched = cached_logits(model, full_ids, ids.shape[1], full_mask)
@@ -99,9 +111,10 @@ def test_left_padded_batch_logits_match_each_prompt_alone(model):
         torch.testing.assert_close(recomputed[i, ids.shape[1] - 1:], alone, rtol=0, atol=1e-4)
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(model):
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(device_model):
+    model = device_model
     g = torch.Generator().manual_seed(4)
-    seqs = [torch.randint(0, 512, (n,), generator=g) for n in (2, 9, 5)]
+    seqs = [torch.randint(0, 512, (n,), generator=g).to(model.device) for n in (2, 9, 5)]
     ids, mask = left_pad(seqs, pad=7)
     batched = generate(model, ids, max_new_tokens=12, attention_mask=mask)
     recomputed = generate(model, ids, max_new_tokens=12, attention_mask=mask, use_cache=False)
@@ -117,7 +130,7 @@ def static_decode(model, ids, mask, steps, step, static=True):
     by token over a static (or a prefix) cache; the logits of every step."""
     batch, prompt_len = ids.shape
     cache = model.new_cache(batch, prompt_len + steps, static=static)
-    positions = (mask.sum(-1, keepdim=True) + torch.arange(steps))
+    positions = (mask.sum(-1, keepdim=True) + torch.arange(steps, device=ids.device))
     logits = [prefill(model, ids, cache, (mask.cumsum(-1) - 1).clamp_min(0), mask)]
     for i in range(steps - 1):
         token = logits[-1].argmax(-1, keepdim=True)
@@ -126,10 +139,12 @@ def static_decode(model, ids, mask, steps, step, static=True):
 
 
 @torch.inference_mode()
-def test_static_cache_decoding_matches_the_prefix_cache(model):
+def test_static_cache_decoding_matches_the_prefix_cache(device_model):
     """The static cache (whole buffer under a mask) gives the eager cache's logits at every
     step, with left padding."""
+    model = device_model
     seqs = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12])]
+    seqs = [s.to(model.device) for s in seqs]
     ids, mask = left_pad(seqs, pad=7)
     static = static_decode(model, ids, mask, 10, decode_one)
     tokens = generate(model, ids, max_new_tokens=10, attention_mask=mask)[:, ids.shape[1]:]

@@ -45,7 +45,7 @@ from deepseek_mini.train.loop import train
 
 REQUIRE = "DEEPSEEK_MINI_REQUIRE_LLAMA_CPP"
 # Bounds on the largest next-token logit difference; what was measured is in BENCHMARKS.md
-# (issue 23). f32 GGUF with an f32 KV cache: the same computation up to summation order.
+# ("GGUF and llama.cpp"). f32 GGUF with an f32 KV cache: the same computation up to summation order.
 LOGIT_TOL = 1e-3
 # q8_0: 8-bit blocks of 32 values, and llama.cpp rounds activations to 8 bits too.
 Q8_LOGIT_TOL = 0.25

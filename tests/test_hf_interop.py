@@ -146,7 +146,7 @@ def test_export_refuses_a_folder_with_files(tmp_path, tokenizer_overrides, capsy
 
 @pytest.mark.parametrize("model", [V3, SEED], ids=["native", "remote-code"])
 def test_the_export_reproduces_the_prompt_convention(tmp_path, tokenizer_overrides, model):
-    """Issue 26: every prompt follows <|endoftext|> (inference/prompts.py), but the export
+    """Fixed bug: every prompt follows <|endoftext|> (inference/prompts.py), but the export
     said add_bos_token false, so transformers' generate on tokenizer(prompt) wrote other
     text than ours. The exported tokenizer now adds it, pads on the left with it, and
     generate on its output is ours token for token, text included."""
@@ -178,9 +178,26 @@ def test_the_export_reproduces_the_prompt_convention(tmp_path, tokenizer_overrid
     assert hf.generation_config.bos_token_id == ours.eos_id == hf.config.bos_token_id
 
 
+def test_the_remote_code_export_loads_without_a_model_type_warning(tmp_path,
+                                                                   tokenizer_overrides, capfd):
+    """"a model of type `deepseek_mini` to instantiate a model of type ``" is transformers'
+    base config, which it falls back on when the tokenizer is loaded without
+    trust_remote_code=True; loaded as the docs say, model and tokenizer are quiet, and the
+    shipped config class names the config.json's model_type."""
+    path, _ = checkpoint(tmp_path, tokenizer_overrides, SEED)
+    out = tmp_path / "hf"
+    export(path, out)
+    capfd.readouterr()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert "to instantiate a model of type" not in "".join(capfd.readouterr())
+    assert type(model.config).model_type == json.loads(
+        (out / "config.json").read_text())["model_type"] == "deepseek_mini"
+
+
 def test_the_remote_code_exports_tokenizer_needs_no_code(tmp_path, tokenizer_overrides,
                                                          capsys):
-    """Issue 26: the tokenizer of a remote-code export is transformers' own fast tokenizer
+    """Fixed bug: the tokenizer of a remote-code export is transformers' own fast tokenizer
     (no auto_map): with trust_remote_code=False it loads without running or asking about
     the model's code, and AutoModelForCausalLM still refuses to run that code unasked."""
     import sys
@@ -200,7 +217,7 @@ def test_the_remote_code_exports_tokenizer_needs_no_code(tmp_path, tokenizer_ove
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_the_export_follows_the_umask(tmp_path, tokenizer_overrides, umask):
-    """Issue 26: the folder was drwx------ and model.safetensors -rw-------."""
+    """Fixed bug: the folder was drwx------ and model.safetensors -rw-------."""
     import os
     import stat
 
@@ -217,7 +234,7 @@ def test_the_export_follows_the_umask(tmp_path, tokenizer_overrides, umask):
 
 def test_export_refuses_non_finite_weights_as_generate_does(tmp_path, tokenizer_overrides,
                                                             capsys):
-    """Issue 26: export wrote NaN weights that generate, eval and serve refuse."""
+    """Fixed bug: export wrote NaN weights that generate, eval and serve refuse."""
     path, net = checkpoint(tmp_path, tokenizer_overrides, SEED)
     state = net.state_dict()
     state["layers.0.attn.q_proj.weight"][0, 0] = float("nan")

@@ -17,7 +17,7 @@ FLOORS = {
     "config": 1,
     "checkpoint": 2,
     "model": 3, "data": 3,
-    "inference": 4, "evaluation": 4, "expert_usage": 4, "plotting": 4,
+    "inference": 4, "evaluation": 4, "instruct_eval": 4, "expert_usage": 4, "plotting": 4,
     "interop": 5,
     "train": 6, "serve": 6,
     "cli": 7, "__main__": 7,

@@ -118,24 +118,29 @@ def test_initial_loss_is_close_to_log_vocab():
     assert abs(ce - math.log(cfg.vocab_size)) < 0.3
 
 
-def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
-    cfg = small_config(num_heads=4, num_kv_heads=2).model
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_attention_equals_explicit_softmax_with_repeated_kv_heads(kv_heads, device):
+    """Four query heads on one KV head (the base config's layout: SDPA's ``enable_gqa``
+    with a single head of K and V) or two."""
+    cfg = small_config(num_heads=4, num_kv_heads=kv_heads).model
     torch.manual_seed(3)
-    attn = MultiHeadLatentAttention(cfg, 0)
-    x = torch.randn(2, 10, cfg.hidden_size)
+    attn = MultiHeadLatentAttention(cfg, 0).to(device)
+    x = torch.randn(2, 10, cfg.hidden_size).to(device)
     cos, sin = rope_tables(cfg.head_dim, 10, cfg.rope_theta)
-    table = (cos[None, None], sin[None, None])
+    table = (cos[None, None].to(device), sin[None, None].to(device))
     out = attn(x, table, table)
 
     def heads(t, n):
         return t.view(2, 10, n, cfg.head_dim).transpose(1, 2)
 
+    repeat = 4 // kv_heads
     latent = attn.kv_down(x)
     q = apply_rope(heads(attn.q_proj(x), 4), *table)
-    k = apply_rope(heads(attn.k_up(latent), 2), *table).repeat_interleave(2, dim=1)
-    v = heads(attn.v_up(latent), 2).repeat_interleave(2, dim=1)
+    k = apply_rope(heads(attn.k_up(latent), kv_heads), *table).repeat_interleave(repeat, dim=1)
+    v = heads(attn.v_up(latent), kv_heads).repeat_interleave(repeat, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.head_dim)
-    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    future = torch.ones(10, 10, dtype=torch.bool, device=device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
     ref = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, -1))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -102,7 +102,8 @@ def oracle_drafts(model: DeepSeekMini, reference: torch.Tensor, monkeypatch) -> 
         target = int(positions[0, -1]) + depth + 2
         right = int(reference[0, target]) if target < reference.shape[1] else 0
         choice = right if (target + depth) % 3 else (right + 1) % logits.shape[-1]
-        return hidden, F.one_hot(torch.tensor([choice]), logits.shape[-1]).float()
+        choice = torch.tensor([choice], device=logits.device)
+        return hidden, F.one_hot(choice, logits.shape[-1]).float()
 
     monkeypatch.setattr(model, "mtp_step", step)
 
@@ -113,11 +114,12 @@ V3_LAYOUT = {"attention": "latent_rope", "router": "sigmoid", "qk_nope_head_dim"
 
 @pytest.mark.parametrize("depth, layout", [(1, {}), (2, {}), (3, {}), (2, V3_LAYOUT)])
 def test_greedy_speculative_decoding_is_token_for_token_greedy_decoding(depth, layout,
-                                                                         monkeypatch):
+                                                                         monkeypatch, device):
     """Also in DeepSeek-V3's layout, whose absorbed decoding verifies the drafts and whose
     cache rolls back its rope keys with the latents."""
-    model = mtp_model(mtp_depth=depth, **layout).eval()
+    model = mtp_model(mtp_depth=depth, **layout).to(device).eval()
     prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    prompt = prompt.to(device)
     plain = generate(model, prompt, 40)
     stats = SpeculativeStats()
     assert torch.equal(generate(model, prompt, 40, speculative=True, stats=stats), plain)

@@ -89,10 +89,13 @@ def test_trainable_mtp_gives_muon_only_the_mtp_matrices():
     assert "mtp.0.proj.weight" in muon and "mtp.0.layer.moe.router.weight" in adamw
 
 
-@pytest.mark.parametrize("ns_steps", [5, 2])
+@pytest.mark.parametrize("ns_steps,ns_precision", [(5, "bf16"), (2, "bf16"), (5, "fp32")])
 def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without_copies(
-        ns_steps):
-    cfg = small("model.expert_activation=swiglu", f"train.muon_ns_steps={ns_steps}")
+        ns_steps, ns_precision):
+    from deepseek_mini.train.muon import Fp32NewtonSchulzMuon
+
+    cfg = small("model.expert_activation=swiglu", f"train.muon_ns_steps={ns_steps}",
+                f"train.muon_ns_precision={ns_precision}")
     torch.manual_seed(0)
     model = DeepSeekMini(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
@@ -101,7 +104,8 @@ def test_a_stacked_expert_weight_is_updated_as_separate_2d_muon_matrices_without
     # Reference: each expert's [out, in] matrix as a parameter of its own.
     refs = [[torch.nn.Parameter(w.detach()[e].T.contiguous()) for e in range(w.shape[0])]
             for w in stacked]
-    reference = torch.optim.Muon([p for ps in refs for p in ps], lr=0.01, weight_decay=0.1,
+    muon = torch.optim.Muon if ns_precision == "bf16" else Fp32NewtonSchulzMuon
+    reference = muon([p for ps in refs for p in ps], lr=0.01, weight_decay=0.1,
                                  momentum=0.95, adjust_lr_fn="match_rms_adamw",
                                  ns_steps=ns_steps)
     views = {storage(w): [] for w in stacked}
@@ -248,3 +252,72 @@ def test_training_only_the_mtp_modules_with_muon_leaves_the_main_model_alone(dat
     initial = DeepSeekMini(run_config(data_overrides, tmp_path, "model.mtp_depth=1").model)
     for name, tensor in initial.state_dict().items():
         assert torch.equal(model[name], tensor) != name.startswith("mtp."), name
+
+
+def _newton_schulz_fp64(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """torch.optim.Muon's iteration, exactly as it writes it, in fp64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.double()
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (24, 24)])
+def test_fp32_newton_schulz_is_torchs_iteration_closer_to_exact_than_bf16(shape):
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from deepseek_mini.train.muon import newton_schulz
+
+    updates = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    ours = newton_schulz(updates, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    for update, fp32 in zip(updates, ours, strict=True):
+        exact = _newton_schulz_fp64(update)
+        bf16 = _zeropower_via_newtonschulz(update, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        fp32_error = (fp32.double() - exact).abs().max().item()
+        assert fp32_error < 1e-5
+        assert fp32_error < (bf16.double() - exact).abs().max().item() / 10
+
+
+@pytest.mark.parametrize("extra", [[], ["model.expert_activation=swiglu",
+                                        "model.first_k_dense=1"]])
+def test_fp32_newton_schulz_muon_steps_as_torchs_muon_within_bf16_rounding(extra):
+    """The same updates as torch's bf16 Muon up to its bf16 rounding: same weights after
+    a step within bf16's tolerance of the update, every parameter moved alike."""
+    cfg_fp32 = small("train.muon_ns_precision=fp32", *extra)
+    cfg_bf16 = small("train.muon_ns_precision=bf16", *extra)
+    batch = random_batch(4, 16, cfg_fp32.model.vocab_size)
+    models = []
+    for cfg in (cfg_fp32, cfg_bf16):
+        torch.manual_seed(0)
+        model = DeepSeekMini(cfg.model)
+        optimizer = build_optimizer(model, cfg.train)
+        assert type(optimizer.muon).__name__ == ("Fp32NewtonSchulzMuon" if cfg is cfg_fp32
+                                                 else "Muon")
+        start = copy.deepcopy(model.state_dict())
+        for _ in range(2):
+            train_step(model, optimizer, batch, 4, 1.0, setup_precision(cfg.train))
+        models.append((model, start))
+    (fp32_model, start), (bf16_model, _) = models
+    lr = cfg_fp32.train.muon_base_lr
+    for name, p in fp32_model.named_parameters():
+        q = dict(bf16_model.named_parameters())[name]
+        moved = (p - start[name]).abs().max().item()
+        assert moved > 0, name
+        assert torch.allclose(p, q, atol=0.05 * lr * 2 * 2, rtol=0), name
+
+
+def test_muon_ns_precision_auto_is_fp32_without_native_bf16(monkeypatch):
+    from deepseek_mini.train import optim
+
+    cfg = small()
+    monkeypatch.setattr(optim, "bf16_is_native", lambda device: False)
+    assert optim.muon_ns_precision(cfg.train, torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(optim, "bf16_is_native", lambda device: True)
+    assert optim.muon_ns_precision(cfg.train, torch.device("cpu")) == "bf16"
+    assert optim.muon_ns_precision(small("train.muon_ns_precision=fp32").train,
+                                   torch.device("cpu")) == "fp32"

@@ -160,19 +160,29 @@ def test_quantize_replaces_every_matrix_but_the_router(mode):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_quantized_cached_decoding_equals_uncached(layout, path):
+def test_quantized_cached_decoding_equals_uncached(layout, path, device, request):
     """The latent cache (absorbed for latent_rope) against full recomputation of the same
     quantized model, batch 2 with left padding: each step's logits agree within 0.05
     (bf16 activations, and the cast GEMM where the prefill has many rows) and the greedy
     tokens are equal. fbgemm rounds each product's activations to 8 bits, one row at a
     time in a step and rows brought to one range in a prompt, so its steps agree within
     8% relative at this tiny width (hidden 64), not to the token. And the quantized model
-    stays close to its fp32 original (logits within 5% relative; 10% for fbgemm)."""
+    stays close to its fp32 original (logits within 5% relative; 10% for fbgemm).
+
+    The commands refuse ``--quantize`` off the CPU (``check_device``); on CUDA this runs
+    the same model-level paths to learn whether they would work there: neither int8
+    kernel (``torch._weight_int8pack_mm``, FBGEMM's packed GEMM) may have a CUDA kernel,
+    so a failure there is expected (xfail, not strict) rather than a regression."""
+    mode, _ = PATHS[path]
+    if device.type != "cpu" and mode == "int8":
+        request.applymarker(pytest.mark.xfail(reason="int8 weight-only kernels: CPU only",
+                                              strict=False))
     torch.manual_seed(0)
-    fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model))
+    fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model)).to(device)
     model = quantized(copy.deepcopy(fp32), path)
     fbgemm = path == "int8-fbgemm"
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     cached = generate(model, ids, max_new_tokens=24, attention_mask=mask)
@@ -180,7 +190,7 @@ def test_quantized_cached_decoding_equals_uncached(layout, path):
         assert torch.equal(cached, generate(model, ids, max_new_tokens=24,
                                             attention_mask=mask, use_cache=False))
     with torch.inference_mode():
-        full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long)], 1)
+        full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long, device=device)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
         full = model(cached, positions=positions, attention_mask=full_mask).logits
         cache = model.new_cache(2, cached.shape[1])
@@ -370,7 +380,8 @@ def test_unknown_int8_kernel_is_a_one_line_error():
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, native_bf16):
     """int8pack by default with or without native bf16: fbgemm is faster on an AVX2 CPU,
-    but its 7-bit activations cost 0.14 nats on a real model (the notes)."""
+    but its 7-bit activations cost 0.14 nats on a real model (BENCHMARKS.md,
+    "Quantization quality")."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
     assert quantize_module.best_kernel() == "int8pack"
 

@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_under_torchrun_only_rank_0_locks(tmp_path):
 
 @pytest.mark.parametrize("kind", ["symlink", "hard link", "foreign file", "folder", "fifo"])
 def test_a_lock_that_is_not_ours_is_refused_and_left_untouched(tmp_path, kind):
-    """Issue 26: a .lock linked to a user's file had it truncated to "PID HOST"."""
+    """Fixed bug: a .lock linked to a user's file had it truncated to "PID HOST"."""
     victim = tmp_path / "precious.txt"
     victim.write_text("my own notes\n")
     run = tmp_path / "run"
@@ -196,7 +197,7 @@ def test_a_fresh_run_moves_an_older_run_aside_and_a_resume_does_not(tmp_path):
 
 
 def test_a_users_own_config_yaml_is_not_called_an_older_runs(tmp_path):
-    """Issue 26: a config.yaml alone in out_dir was moved aside as "the older run's"."""
+    """Fixed bug: a config.yaml alone in out_dir was moved aside as "the older run's"."""
     (tmp_path / "config.yaml").write_text("train:\n  lr: 1.0e-3\n")
     folder = run_folder.claim(tmp_path, resume=False)
     folder.release()
@@ -266,7 +267,7 @@ def test_a_run_whose_steps_were_all_skipped_exits_non_zero(data_overrides, tmp_p
 
 def test_a_diverged_but_finite_run_keeps_the_good_checkpoints(data_overrides, tmp_path,
                                                               capsys):
-    """Issue 26: at lr 1e30 one step blows the weights up to ~1e29 (still finite), the
+    """Fixed bug: at lr 1e30 one step blows the weights up to ~1e29 (still finite), the
     next ones are skipped as non-finite, and latest.pt was overwritten with exit 0."""
     args = train_args(data_overrides, tmp_path)
     assert main([*args, "--stop-after", "4"]) == 0
@@ -293,7 +294,7 @@ def test_a_fresh_run_that_diverges_writes_no_latest(data_overrides, tmp_path, ca
 
 def test_resuming_from_non_finite_weights_is_refused_before_a_step(data_overrides, tmp_path,
                                                                    capsys):
-    """Issue 26: such a resume trained NaN steps, then blamed train.lr."""
+    """Fixed bug: such a resume trained NaN steps, then blamed train.lr."""
     args = train_args(data_overrides, tmp_path)
     assert main([*args, "--stop-after", "4"]) == 0
     ckpt = torch.load(tmp_path / LATEST, weights_only=True)
@@ -356,7 +357,7 @@ def test_a_full_disk_at_a_save_keeps_the_previous_checkpoint(data_overrides, tmp
 
 
 def test_a_full_disk_at_a_new_file_does_not_speak_of_a_previous_one(tmp_path, monkeypatch):
-    """Issue 26: "the previous file is kept" was said when there was none."""
+    """Fixed bug: "the previous file is kept" was said when there was none."""
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -367,6 +368,58 @@ def test_a_full_disk_at_a_new_file_does_not_speak_of_a_previous_one(tmp_path, mo
     with pytest.raises(UserError, match="the previous file is kept$"):
         atomic_write_text("x", tmp_path / "old.yaml")
     assert (tmp_path / "old.yaml").read_text() == "kept" and not (tmp_path / "new.yaml").exists()
+
+
+def test_a_full_disk_mid_line_leaves_whole_metrics_lines_and_exits_28(data_overrides,
+                                                                      tmp_path, capsys,
+                                                                      monkeypatch):
+    """The disk fills inside a metrics row: the part written is cut back off, so every
+    line of metrics.jsonl is whole JSON, and the run exits 28 naming the file."""
+    real_write = os.write
+    rows = []
+
+    def filling(fd, data):
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(METRICS_FILE):
+            return real_write(fd, data)
+        rows.append(bytes(data))
+        if len(rows) == 3:  # the disk takes half of the third row...
+            return real_write(fd, data[:len(data) // 2])
+        if len(rows) > 3:  # ...and then nothing
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling)
+    assert main(train_args(data_overrides, tmp_path)) == EXIT_DISK_FULL
+    line = one_error_line(capsys)
+    assert f"cannot append to {tmp_path / METRICS_FILE}" in line
+    text = (tmp_path / METRICS_FILE).read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 2
+    assert all(isinstance(json.loads(row), dict) for row in text.splitlines())
+
+
+@pytest.mark.parametrize("message", ["Not enough free space to write 25165824 bytes after "
+                                     "offset 1771328", "16384 requested and 12672 written"])
+def test_numpys_full_disk_reports_end_a_gguf_export_with_28(tmp_path, capsys, monkeypatch,
+                                                           message):
+    """numpy's tofile says a disk is full without an errno, in two ways (the first for
+    arrays of 16 MiB and more, whose room it reserves first)."""
+    layout = {"num_layers": 1, "vocab_size": VOCAB, "attention": "latent_rope",
+              "expert_activation": "swiglu", "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+              "v_head_dim": 12, "kv_latent_dim": 20}
+    cfg = Config.from_yaml(TINY_YAML, [f"model.{k}={v}" for k, v in layout.items()])
+    cfg.data.tokenizer = tiny_overrides(tmp_path)[-2].split("=", 1)[1]
+    atomic_save({"model": DeepSeekMini(cfg.model).state_dict(), "config": cfg.to_dict()},
+                tmp_path / "best.pt")
+
+    def full(self):
+        raise OSError(message)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    out = tmp_path / "model.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "best.pt"), "--out", str(out),
+                 "--format", "gguf"]) == EXIT_DISK_FULL
+    assert one_error_line(capsys).startswith(f"error: the disk is full: cannot write {out}")
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_replaced_files_keep_their_mode_and_new_ones_follow_the_umask(tmp_path):
@@ -455,6 +508,24 @@ def test_a_same_size_edit_with_its_time_restored_rebuilds_the_cache(data_overrid
     assert "rebuilding the token cache" in capsys.readouterr().err
 
 
+def test_an_edit_between_the_sampled_blocks_of_a_large_file_changes_its_digest(tmp_path):
+    """Above 4 MiB only 64 blocks of 64 KiB were hashed, so a same-size edit between them
+    with the time restored left a stale cache; the whole file is hashed now."""
+    from deepseek_mini.data.sources import files_fingerprint
+
+    text = tmp_path / "big.txt"
+    text.write_bytes(b"Tom had a red ball. " * 300_000)  # 6 MB
+    before = files_fingerprint([str(text)])
+    stat = text.stat()
+    with open(text, "r+b") as f:  # 70 KB in: after the first sampled block, before the next
+        f.seek(70_000)
+        f.write(b"BIG")
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = files_fingerprint([str(text)])
+    assert [r["size"] for r in after] == [r["size"] for r in before]
+    assert after != before
+
+
 def test_training_refuses_a_binary_file_as_eval_does(data_overrides, tmp_path, capsys):
     blob = tmp_path / "blob.txt"
     blob.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -466,7 +537,7 @@ def test_training_refuses_a_binary_file_as_eval_does(data_overrides, tmp_path, c
 
 
 def test_a_token_cache_overwritten_with_zeros_is_rebuilt(data_overrides, tmp_path, capsys):
-    """Issue 26: zeros are valid ids (<|endoftext|>), so an all-zero train.bin of the
+    """Fixed bug: zeros are valid ids (<|endoftext|>), so an all-zero train.bin of the
     right size was trained on; the digest recorded at writing notices it."""
     cfg = Config.from_yaml(TINY_YAML, [*data_overrides, f"data.cache_dir={tmp_path}"])
     first = prepare_data(cfg.data, cfg.train.seed, VOCAB, progress=False)
@@ -482,7 +553,7 @@ def test_a_token_cache_overwritten_with_zeros_is_rebuilt(data_overrides, tmp_pat
 
 def test_a_file_with_many_nul_bytes_is_read_with_a_warning_by_train_and_eval(
         data_overrides, tmp_path, capsys):
-    """Issue 26: a file 18% NUL bytes passed train and eval without a word (above 20% it
+    """Fixed bug: a file 18% NUL bytes passed train and eval without a word (above 20% it
     is refused)."""
     doc = "Tom had a red ball." + "\x00" * 9 + " He liked it very much."  # 9 of 51
     blob = tmp_path / "mostly.txt"
@@ -500,7 +571,7 @@ def test_a_file_with_many_nul_bytes_is_read_with_a_warning_by_train_and_eval(
 
 
 def test_integer_tensors_in_a_checkpoint_are_refused(tmp_path, capsys):
-    """Issue 26: int64 weights were cast into the float parameters without a word."""
+    """Fixed bug: int64 weights were cast into the float parameters without a word."""
     cfg = Config.from_yaml(TINY_YAML, ["model.num_layers=1", "model.hidden_size=32",
                                        "model.num_heads=2", "model.kv_latent_dim=16",
                                        "model.expert_hidden=32", "model.vocab_size=64"])

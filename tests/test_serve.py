@@ -8,19 +8,22 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 import serving
+import tiny_run
 import torch
 
 from deepseek_mini import generate
 from deepseek_mini.cli.main import main
 from deepseek_mini.data.instruct import instruct_prompt
 from deepseek_mini.inference.batcher import Finish
-from deepseek_mini.inference.prompts import completion_text
+from deepseek_mini.inference.prompts import completion_text, prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,57 @@ def expected(served, prompt: str, max_tokens: int) -> str:
     ids = torch.tensor([[served.tok.eos_id, *served.tok.encode(prompt)]])
     out = generate(served.model, ids, max_new_tokens=max_tokens, eos_id=served.tok.eos_id)
     return completion_text(served.tok, out[0, ids.shape[1]:].tolist())
+
+
+def post(served, path: str, body: dict) -> tuple[str, str]:
+    """The text and finish reason of one choice, streamed or not, over plain HTTP."""
+    reply = httpx.post(f"{served.url}{path}", json=body, timeout=60)
+    if not body.get("stream"):
+        choice = reply.json()["choices"][0]
+        return choice["text"], choice["finish_reason"]
+    events = [json.loads(line[6:]) for line in reply.text.splitlines()
+              if line.startswith("data: {")]
+    return ("".join(e["choices"][0]["text"] for e in events),
+            events[-1]["choices"][0]["finish_reason"])
+
+
+def test_the_served_model_tells_positions_apart(served):
+    """The texts below would differ if the server fed a token one RoPE position off."""
+    for prompt in ("Once upon a time", "The dog"):
+        ids = prompt_ids(served.tok, [prompt])[0]
+        out = generate(served.model, torch.tensor([ids]), max_new_tokens=20)
+        assert tiny_run.shifted_greedy(served.model, ids, 20) != out[0, len(ids):].tolist()
+
+
+def test_requests_sharing_steps_get_generates_text_streamed_or_not(served):
+    """Completions and stories, streamed and not, sent at once so they decode batched
+    (and join while others run): each the text ``generate`` writes for it alone."""
+    story = {"summary": "A cat finds a hat.", "words": "hat"}
+    work = [("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24}),
+            ("/v1/completions", {"prompt": "The dog", "max_tokens": 30, "stream": True}),
+            ("/v1/stories", {**story, "max_tokens": 28, "stream": True}),
+            ("/v1/stories", {**story, "max_tokens": 20}),
+            ("/v1/completions", {"prompt": "Lily saw a big red", "max_tokens": 26,
+                                 "stream": True})]
+    with ThreadPoolExecutor(len(work)) as pool:
+        replies = list(pool.map(lambda w: post(served, w[0], {**w[1], "temperature": 0}),
+                                work))
+    for (path, body), (text, _) in zip(work, replies, strict=True):
+        prompt = (body["prompt"] if path.endswith("completions")
+                  else instruct_prompt(story["summary"], story["words"], None))
+        assert text == expected(served, prompt, body["max_tokens"]), body
+
+
+def test_serve_and_the_generate_command_write_the_same_text(served, capsys):
+    """The same checkpoint and prompt at temperature 0: ``generate`` prints the prompt
+    and its continuation, the server returns the continuation; both put the end-of-text
+    before the prompt."""
+    prompt = "Tom had a ball"
+    text, _ = post(served, "/v1/completions", {"prompt": prompt, "max_tokens": 24,
+                                               "temperature": 0})
+    assert main(["generate", "--checkpoint", str(served.checkpoint), "--prompt", prompt,
+                 "--max-new-tokens", "24", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
 
 
 def test_the_openai_client_gets_greedy_completions(served, client):
@@ -117,6 +171,11 @@ def test_stories_use_the_instruct_prompt(served):
     ({"prompt": "a", "seed": 2**70}, 400, "seed", "seed must be a 64-bit integer"),
     ('{"prompt": "a", "temperature": NaN}', 400, "temperature", "must be a finite number"),
     ('{"prompt": "a", "top_p": Infinity}', 400, "top_p", "must be a finite number"),
+    # they overflowed in the engine: 200 with empty text and finish_reason "error"
+    ({"prompt": "a", "temperature": 1e-320}, 400, "temperature",
+     "temperature must be 0 (greedy) or at least 0.0001"),
+    ({"prompt": "a", "top_p": 1e-300}, 400, "top_p", "top_p must be at least 1e-06"),
+    ({"prompt": ["a"] * 65}, 400, "prompt", "a list of 65 prompts; this server takes at most 64"),
 ])
 def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status, param,
                                                            message):
@@ -126,6 +185,63 @@ def test_bad_requests_get_an_openai_error_naming_the_field(served, body, status,
     error = reply.json()["error"]
     assert error["param"] == param and message in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(served):
+    """A 20 MB prompt was read, parsed and tokenised (14 s) before its 400."""
+    big = json.dumps({"prompt": "a " * (1 << 20)})
+    reply = httpx.post(f"{served.url}/v1/completions", content=big, timeout=60)
+    assert reply.status_code == 413
+    error = reply.json()["error"]
+    assert error["code"] == "request_too_large" and "at most 1,048,576" in error["message"]
+
+    def chunks():  # no Content-Length: counted as it streams in
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+
+    reply = httpx.post(f"{served.url}/v1/completions", content=chunks(), timeout=60)
+    assert reply.status_code == 413 and "over 1,048,576 bytes" in reply.json()["error"]["message"]
+
+
+def test_limits_are_the_servers_to_set(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from deepseek_mini.inference.batcher import Batcher
+    from deepseek_mini.inference.loading import load_for_inference
+    from deepseek_mini.serve.app import create_app
+    from deepseek_mini.serve.params import Limits
+
+    model, tok, _ = load_for_inference(serving.tiny_checkpoint(tmp_path))
+    batcher = Batcher(model, tok.eos_id, 2)
+    app = TestClient(create_app(batcher, tok, "m", Limits(max_body_bytes=100, max_prompts=2)))
+    reply = app.post("/v1/completions", json={"prompt": ["a", "b", "c"]})
+    assert reply.status_code == 400 and "at most 2 in one request" in reply.text
+    reply = app.post("/v1/completions", json={"prompt": "a" * 200})
+    assert reply.status_code == 413 and "at most 100" in reply.text
+
+
+def test_a_long_tokenisation_does_not_stall_other_requests(served, monkeypatch):
+    """Prompts were tokenised on the event loop: /health waited 13 s on a 20 MB one."""
+    from deepseek_mini.serve import app as app_module
+
+    real = app_module.prompt_ids
+
+    def slow(tok, prompts):
+        time.sleep(3.0)
+        return real(tok, prompts)
+
+    monkeypatch.setattr(app_module, "prompt_ids", slow)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(httpx.post(
+        f"{served.url}/v1/completions", json={"prompt": "Once", "max_tokens": 1}, timeout=60)))
+    worker.start()
+    time.sleep(0.5)  # the completion is tokenising now
+    started = time.monotonic()
+    health = httpx.get(f"{served.url}/health", timeout=60)
+    waited = time.monotonic() - started
+    worker.join(60)
+    assert health.status_code == 200 and waited < 1.5, waited
+    assert done and done[0].status_code == 200
 
 
 def test_the_openai_client_raises_on_a_bad_request(client):

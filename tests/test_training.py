@@ -101,15 +101,29 @@ def test_two_micro_batches_of_four_give_the_gradient_of_one_batch_of_eight():
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5, msg=name)
 
 
-def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer():
+PRECISIONS = ["fp32", "bf16", "fp16"]
+
+
+def skip_fp16_on_a_cpu(precision: str, device: torch.device) -> None:
+    """fp16 with a GradScaler is CUDA's recipe: ``train`` refuses it on a CPU
+    (test_reliability's fp16 test), so there is nothing of the product's to test there."""
+    if precision == "fp16" and device.type != "cuda":
+        pytest.skip("train.precision fp16 runs on CUDA only")
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer(name, device):
+    """In every precision: under fp16 the GradScaler skips the step (and lowers its scale),
+    elsewhere the trainer's own check does."""
+    skip_fp16_on_a_cpu(name, device)
     cfg = Config.from_yaml(None, ["model.hidden_size=32", "model.num_heads=2",
                                   "model.num_layers=1", "model.vocab_size=128",
-                                  "model.expert_hidden=32", "train.device=cpu",
-                                  "train.precision=fp32"])
-    model = DeepSeekMini(cfg.model)
+                                  "model.expert_hidden=32", f"train.device={device.type}",
+                                  f"train.precision={name}"])
+    model = DeepSeekMini(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train)
     precision = setup_precision(cfg.train)
-    batch = random_batch(4, 16, 128)
+    batch = random_batch(4, 16, 128).to(device)
     train_step(model, optimizer, batch, 4, 1.0, precision)
     before = copy.deepcopy(model.state_dict())
     state_before = copy.deepcopy(optimizer.state_dict()["state"])
@@ -163,10 +177,13 @@ def test_non_finite_losses_are_counted_and_ten_in_a_row_stop_the_run(data_overri
                           "train.eval_interval=30"))
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(data_overrides, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_exactly(data_overrides, tmp_path, device):
+    """Bit for bit, on the test device too: on CUDA a kernel whose sums depend on thread
+    timing (atomic adds) would show here as two runs that differ."""
     straight = tmp_path / "straight"
     sliced = tmp_path / "sliced"
-    steps = ["train.max_steps=20", "train.log_interval=3", "train.save_interval=7"]
+    steps = ["train.max_steps=20", "train.log_interval=3", "train.save_interval=7",
+             f"train.device={device.type}"]
     train(tiny_config(data_overrides, straight, *steps))
     first = train(tiny_config(data_overrides, sliced, *steps), stop_after=10)
     assert first.step == 10 and not first.interrupted
@@ -222,22 +239,26 @@ def result_config(out: Path) -> dict:
     return load_checkpoint(out / "latest.pt")["config"]
 
 
-def test_overfitting_one_batch_drives_the_loss_below_half_a_nat():
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_overfitting_one_batch_drives_the_loss_below_half_a_nat(name, device):
+    """The trainer's step learns in every precision: bf16 autocast, and fp16 autocast with
+    the GradScaler (CUDA only)."""
+    skip_fp16_on_a_cpu(name, device)
     cfg = Config.from_yaml(None, ["model.hidden_size=64", "model.num_heads=2",
                                   "model.num_layers=2", "model.vocab_size=256",
                                   "model.expert_hidden=64", "model.num_experts=4",
-                                  "train.device=cpu", "train.precision=fp32", "train.lr=1e-2",
-                                  "train.weight_decay=0"])
+                                  f"train.device={device.type}", f"train.precision={name}",
+                                  "train.lr=1e-2", "train.weight_decay=0"])
     torch.manual_seed(0)
-    model = DeepSeekMini(cfg.model)
+    model = DeepSeekMini(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train)
     precision = setup_precision(cfg.train)
-    batch = random_batch(4, 32, 256)  # random tokens: nothing to learn but the batch itself
+    batch = random_batch(4, 32, 256).to(device)  # random tokens: only the batch to learn
     for _ in range(100):
-        stats, _ = train_step(model, optimizer, batch, 4, 1.0, precision)
+        stats, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
         if stats[1].item() < 0.5:
             break
-    assert stats[1].item() < 0.5
+    assert stats[1].item() < 0.5 and bool(finite)
 
 
 def test_resume_refuses_a_different_model_and_a_missing_checkpoint(data_overrides, tmp_path):
@@ -425,3 +446,43 @@ def test_train_threads_sets_torch_threads_and_is_logged(data_overrides, tmp_path
         assert "linear on 2 CPU threads" in (tmp_path / "train.log").read_text()
     finally:
         torch.set_num_threads(before)
+
+
+def val_ces(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_ce"] for r in read_rows(out_dir) if "val_ce" in r}
+
+
+def test_validation_scores_one_set_of_windows_whatever_the_micro_batch(data_overrides,
+                                                                       tmp_path):
+    """eval_batches x batch_size windows (4 here), scored 1, 2 or 4 at a time: the same
+    CE up to summation order (it was over 1, 2 or 4 windows). At lr 0 the weights stay
+    the initial ones, which accumulation's rounding would otherwise move apart."""
+    steps = ["train.max_steps=2", "train.eval_interval=2", "train.eval_batches=1",
+             "train.log_interval=1", "train.lr=0", "train.min_lr=0"]
+    runs = {micro: tmp_path / f"micro{micro}" for micro in (1, 2, 4)}
+    for micro, out in runs.items():
+        train(tiny_config(data_overrides, out, *steps, f"train.micro_batch_size={micro}"))
+    ces = [val_ces(out)[2] for out in runs.values()]
+    assert ces == pytest.approx([ces[0]] * 3, rel=1e-6)
+    assert load_checkpoint(runs[1] / "latest.pt")["val_windows"] == 4
+
+
+def test_a_resume_keeps_the_runs_validation_windows(data_overrides, tmp_path):
+    """Another micro batch on resume scores the same windows; an eval_batches that asks
+    for others, or a checkpoint from before the count was saved (micro_batch_size x
+    eval_batches windows then), keeps the run's own, with a note."""
+    steps = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1"]
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    train(tiny_config(data_overrides, straight, *steps))
+    train(tiny_config(data_overrides, sliced, *steps), stop_after=2)
+    train(tiny_config(data_overrides, sliced, *steps, "train.micro_batch_size=4"), resume=True)
+    assert val_ces(sliced) == pytest.approx(val_ces(straight), rel=1e-5)
+
+    old = tmp_path / "old"
+    train(tiny_config(data_overrides, old, *steps), stop_after=2)
+    ckpt = load_checkpoint(old / "latest.pt")
+    del ckpt["val_windows"]  # as a checkpoint written before the count was kept
+    atomic_save(ckpt, old / "latest.pt")
+    train(tiny_config(data_overrides, old, *steps, "train.eval_batches=3"), resume=True)
+    assert ("validation keeps this run's 2 windows (train.eval_batches x train.batch_size "
+            "now gives 12)") in (old / "train.log").read_text()

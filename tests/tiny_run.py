@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import tokenizers
+import torch
 
 from deepseek_mini import Config
 from deepseek_mini.data.demo_corpus import demo_stories
@@ -54,3 +55,30 @@ def tiny_overrides(root: Path) -> list[str]:
     tok.save(str(root / "tokenizer.json"))
     return [*TINY, f"model.vocab_size={VOCAB}", f"data.tokenizer={root / 'tokenizer.json'}",
             f"data.cache_dir={root / 'cache'}"]
+
+
+def position_sensitive(model: torch.nn.Module, gain: float = 2.0) -> torch.nn.Module:
+    """``model`` with its hidden projections redrawn at ``gain / sqrt(fan_in)``: at the
+    usual 0.02 an untrained model's attention is nearly uniform, so a token fed one RoPE
+    position off changes no logit by more than ~1e-6 and no greedy token; redrawn, its
+    greedy continuations change when positions do (``shifted_greedy`` checks that)."""
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.shape[0] != vocab:
+                torch.nn.init.normal_(module.weight, std=gain / module.in_features ** 0.5)
+    return model
+
+
+@torch.inference_mode()
+def shifted_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int,
+                   shift: int = 1) -> list[int]:
+    """The greedy continuation of ``prompt`` with every new token fed ``shift`` RoPE
+    positions late: what a server off by one would write, to show that a model and
+    prompt can tell it from ``generate``'s."""
+    ids, positions = list(prompt), list(range(len(prompt)))
+    for _ in range(new_tokens):
+        logits = model(torch.tensor([ids]), positions=torch.tensor([positions])).logits
+        ids.append(int(logits[0, -1].argmax()))
+        positions.append(len(ids) - 1 + shift)
+    return ids[len(prompt):]

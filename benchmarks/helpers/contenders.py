@@ -43,15 +43,19 @@ class Contender:
     precision: Precision | None = None
 
 
-def build_ours(cfg: Config, name: str = "ours") -> Contender:
-    """The trainer's own ``train_step`` on the model and optimizer it would build."""
+def build_ours(cfg: Config, name: str = "ours",
+               compile_options: dict | None = None) -> Contender:
+    """The trainer's own ``train_step`` on the model and optimizer it would build;
+    ``compile_options`` go to ``torch.compile`` when ``train.compile`` is on (a backend
+    other than inductor, say, where no C++ compiler should run)."""
     from deepseek_mini.inference.generate import generate
     from deepseek_mini.train import step as trainer
     from deepseek_mini.train.optim import build_optimizer
 
     precision = setup_precision(cfg.train)
     model = DeepSeekMini(cfg.model).to(precision.device)
-    train_model = compile_model(model) if cfg.train.compile else model
+    train_model = (compile_model(model, **(compile_options or {})) if cfg.train.compile
+                   else model)
     optimizer = build_optimizer(model, cfg.train)
     t = cfg.train
 
@@ -62,7 +66,9 @@ def build_ours(cfg: Config, name: str = "ours") -> Contender:
     def decode(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0)
 
-    notes = (f"{cfg.model.expert_activation} experts, {precision.describe()}, fused AdamW"
+    optimizer_name = ("fused AdamW" if cfg.train.optimizer == "adamw"
+                      else f"Muon (Newton-Schulz {cfg.train.muon_ns_precision}) + fused AdamW")
+    notes = (f"{cfg.model.expert_activation} experts, {precision.describe()}, {optimizer_name}"
              + (", torch.compile" if cfg.train.compile else ""))
     return Contender(name, model, train_step, decode,
                      flops_per_token(cfg.model, cfg.data.seq_len), notes, precision)

@@ -5,7 +5,7 @@ gradients that ``zero_grad(set_to_none=True)`` drops, the chunked loss's pieces)
 malloc serves each buffer above its mmap threshold with a fresh ``mmap`` and gives it
 back with ``munmap`` when freed, so the next step touches new pages and the kernel
 zero-fills every one of them: system time that counts against a CPU budget like any
-other (BENCHMARKS.md, issue 21: a third of a small model's CPU step). Raising the mmap
+other (BENCHMARKS.md, "Keeping freed memory": a third of a small model's CPU step). Raising the mmap
 and trim thresholds keeps big buffers on malloc's heap for reuse; the process keeps its
 peak memory, which a training or serving process needs again at its next step anyway.
 """

@@ -29,6 +29,8 @@ TRAINING_STATE = frozenset({"optimizer", "scheduler", "scaler", "sampler", "rng"
 
 # The model's only tensors that are not floating point: the trimmed head's kept ids.
 INTEGER_TENSORS = frozenset({"head.ids"})
+# The floating-point types a checkpoint's weights and training state may have.
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def weights_checkpoint(model_state: dict[str, Any], config: dict[str, Any],
@@ -78,6 +80,11 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise UserError(f"checkpoint {path} is not a deepseek-mini checkpoint: its tensor "
                         f"{odd} is {str(model[odd].dtype).removeprefix('torch.')}, where it is "
                         f"{kind}")
+    problem = next((f"its tensor {name} {why}" for name, t in model.items()
+                    if (why := unusable_tensor(t)) is not None), None)
+    problem = problem or _head_ids_problem(model, ckpt["config"])
+    if problem is not None:
+        raise UserError(f"checkpoint {path} cannot be used: {problem}")
     config = ckpt["config"]
     where = ("" if not isinstance(config, dict) else
              next((f"'s {name!r} section" for name in ("model", "data", "train")
@@ -88,6 +95,44 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if "model" in config:
         ckpt["config"] = {**config, "model": upgrade_model_dict(config["model"])}
     return ckpt
+
+
+def unusable_tensor(t: Any) -> str | None:
+    """Why a loaded tensor cannot be a weight or training state, in a phrase; None when it
+    can. ``torch.load`` takes sparse (COO, CSR, ...) and meta tensors and 8-bit floats,
+    which neither the finiteness check nor the model's layers can read."""
+    import torch
+
+    if t.layout != torch.strided:
+        return f"is sparse ({str(t.layout).removeprefix('torch.')}), not a dense tensor"
+    if t.is_meta:
+        return "holds no data (a meta tensor)"
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.is_floating_point() and dtype not in FLOAT_DTYPES:
+        return f"is {dtype}, not one of {', '.join(FLOAT_DTYPES)}"
+    return None
+
+
+def _head_ids_problem(model: dict[str, Any], config: Any) -> str | None:
+    """What is wrong with a trimmed head's kept ids (``head.ids``): they must be distinct
+    ids of the vocabulary, or the head would index outside its tables (an IndexError at
+    the first token) or score one id twice."""
+    ids = model.get("head.ids")
+    if ids is None:
+        return None
+    vocab = config.get("model", {}).get("vocab_size") if isinstance(config, dict) else None
+    if ids.dim() != 1:
+        return f"its tensor head.ids has shape {list(ids.shape)}, where it is a list of ids"
+    if not ids.numel():
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bad = low if low < 0 else high
+        return (f"its tensor head.ids holds the id {bad}, outside the vocabulary "
+                f"(0 to {vocab - 1 if isinstance(vocab, int) else 'vocab_size - 1'})")
+    if ids.unique().numel() != ids.numel():
+        return "its tensor head.ids holds an id more than once: the kept ids must be distinct"
+    return None
 
 
 def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
@@ -111,7 +156,7 @@ def all_finite(tensors: Iterable[Any]) -> bool:
     each tensor's min and max (``aminmax``, which propagates NaN and cannot overflow as a
     sum or a 2-norm could) stay on the device, are stacked, and the verdict is read once
     per device, not a host sync per tensor; a fused ``_foreach_norm`` with ord=inf cost
-    more than the save itself on CPU (BENCHMARKS.md, issue 18)."""
+    more than the save itself on CPU (BENCHMARKS.md, "Reliability costs")."""
     import torch
 
     by_device: dict[Any, list[torch.Tensor]] = {}
@@ -129,11 +174,23 @@ def check_finite(ckpt: dict[str, Any], path: str | Path, state: bool = False) ->
     model built from it computes only NaN."""
     tensors = list(ckpt["model"].values())
     if state:
-        tensors += list(state_tensors(ckpt.get("optimizer")))
+        optimizer = [t for t in state_tensors(ckpt.get("optimizer")) if _is_tensor(t)]
+        problem = next((why for t in optimizer if (why := unusable_tensor(t)) is not None),
+                       None)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} cannot be resumed: a tensor of its optimizer "
+                            f"state {problem}")
+        tensors += optimizer
     if not all_finite(tensors):
         raise UserError(f"checkpoint {path} holds non-finite weights (inf or NaN)"
                         + (" or optimizer state" if state else "")
                         + ": it was saved from a diverged run and cannot be used")
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
 
 
 def state_tensors(state: Any) -> Iterable[Any]:

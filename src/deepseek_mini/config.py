@@ -151,10 +151,16 @@ class DataConfig:
     num_workers: int = 2
     max_documents: int | None = None  # stop after this many documents (bounds a Hub download)
     windows: str = "grid"  # grid (a seeded shifted grid) | documents (from document starts)
+    instruct: str = "none"  # none | derive (plain stories become TinyStoriesInstruct records)
+    instruct_fraction: float = 0.8  # derive: the share of plain stories made records
 
     def validate(self) -> None:
         _one_of(self, "source", ("tinystories-instruct", "demo", "files"))
         _one_of(self, "windows", ("grid", "documents"))
+        _one_of(self, "instruct", ("none", "derive"))
+        if not 0.0 <= self.instruct_fraction <= 1.0:
+            raise ConfigError(f"data.instruct_fraction must be in [0, 1], got "
+                              f"{self.instruct_fraction}")
         _positive(self, "seq_len", "demo_stories", "num_workers")
         if self.max_documents is not None:
             _positive(self, "max_documents")
@@ -183,7 +189,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_interval: int = 10
     eval_interval: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation: eval_batches x batch_size fixed windows (a run's own)
     save_interval: int = 250
     sample_interval: int = 500
     warm_start: str | None = None
@@ -199,6 +205,9 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw | original (torch.optim.Muon's)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update (torch's default)
+    # Newton-Schulz's number format: auto (bf16 where the device has it natively, as
+    # torch.optim.Muon does; fp32 on a CPU without bf16 instructions) | bf16 | fp32
+    muon_ns_precision: str = "auto"
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
     decay_fraction: float = 0.2  # wsd: the share of the schedule's steps spent decaying
 
@@ -209,6 +218,7 @@ class TrainConfig:
         _one_of(self, "trainable", ("all", "mtp"))
         _one_of(self, "optimizer", ("adamw", "muon"))
         _one_of(self, "muon_adjust_lr", ("match_rms_adamw", "original"))
+        _one_of(self, "muon_ns_precision", ("auto", "bf16", "fp32"))
         _one_of(self, "schedule", ("cosine", "wsd"))
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "log_interval",
                   "eval_interval", "eval_batches", "save_interval", "sample_interval",

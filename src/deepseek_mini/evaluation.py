@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -290,6 +291,9 @@ def load_hf_model(spec: str) -> tuple[torch.nn.Module, Any]:
     except _safetensors_error() as exc:
         raise UserError(f"cannot load --hf-model {spec}: its safetensors weights are cut short "
                         f"or damaged ({str(exc).strip() or type(exc).__name__})") from None
+    except struct.error:  # transformers' GGUF reader on a file cut short
+        raise UserError(f"cannot load --hf-model {spec}: the GGUF file is cut short or "
+                        "damaged (its header ends early)") from None
     except (OSError, ValueError, ImportError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load --hf-model {spec}: {first}") from None

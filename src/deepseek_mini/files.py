@@ -143,11 +143,52 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+# numpy's ``tofile`` (the token cache, the gguf package's writer) reports a full disk
+# without an errno: a write cut short as ``N requested and M written``, and, for arrays of
+# 16 MiB or more, whose room it reserves first, ``Not enough free space to write N bytes
+# after offset M``.
+_NUMPY_DISK_FULL = re.compile(r"\d+ requested and \d+ written"
+                              r"|Not enough free space to write \d+ bytes after offset \d+")
+
+
 def _short_write(exc: BaseException) -> bool:
-    """numpy's ``tofile`` (the token cache, the gguf package's writer) reports a write
-    the disk cut short as ``OSError: N requested and M written``, without an errno."""
+    """Whether ``exc`` is numpy's errno-less report of a full disk."""
     return (isinstance(exc, OSError) and exc.errno is None
-            and re.fullmatch(r"\d+ requested and \d+ written", str(exc)) is not None)
+            and _NUMPY_DISK_FULL.fullmatch(str(exc)) is not None)
+
+
+class LineAppender:
+    """A log file that grows by whole lines: each ``write`` lands entirely or, when the
+    disk fills midway, is cut back off (``DiskFullError``), so a reader never finds half a
+    line at the end (``metrics.jsonl`` is read line by line as JSON). Unbuffered: a line
+    is on the file once ``write`` returns."""
+
+    def __init__(self, path: str | Path, append: bool) -> None:
+        self.path = Path(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd: int | None = os.open(self.path, flags, 0o666)  # less the umask
+
+    def write(self, text: str) -> None:
+        assert self._fd is not None, "write after close"
+        data = memoryview(text.encode("utf-8"))
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except BaseException as exc:
+            if written:
+                os.ftruncate(self._fd, start)  # never half a line
+            if is_disk_full(exc):
+                raise DiskFullError(f"the disk is full: cannot append to {self.path} "
+                                    f"({_free_bytes(self.path.parent)} bytes free); its "
+                                    "lines so far are whole") from None
+            raise
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _mode_for(path: Path) -> int:

@@ -2,7 +2,7 @@
 
 torch starts one thread per physical core. Every OpenMP barrier waits for the slowest
 thread, and on a machine whose other work keeps the cores busy that thread is often
-descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "issue 17"): decoding, a chain of
+descheduled. Measured on a 2-core CPU (BENCHMARKS.md, "Threads"): decoding, a chain of
 small matrix-vector products, is faster on one thread even on a quiet machine;
 evaluation and training steps are faster on every core of a quiet machine, and on a busy
 one (load average above the core count) one thread wins, by far. So the default is
@@ -10,6 +10,10 @@ one thread for decoding, and for evaluation and training every physical core unl
 load average at start-up exceeds the cores, then one. ``OMP_NUM_THREADS`` in the
 environment is the user's choice and is kept. Nothing here prints: commands print
 ``busy_note``'s line themselves.
+
+A count above the machine's logical CPUs is refused: more threads than CPUs can only be
+slower, and an absurd count (``--threads 99999``) crashes OpenMP itself (a segfault, or
+libgomp's "Thread creation failed" and exit 1) before any error of ours could be printed.
 """
 
 from __future__ import annotations
@@ -19,11 +23,35 @@ from typing import Literal
 
 import torch
 
+from .errors import UserError
+
 Work = Literal["decode", "eval", "train"]
 
 # torch's start-up count, one per physical core (or OMP_NUM_THREADS), read at import,
 # before anything here changes it.
 STARTUP_THREADS = torch.get_num_threads()
+
+
+class ThreadCountError(UserError, ValueError):
+    """A thread count that is not a positive number at most the machine's CPUs: a
+    UserError for the command line, a ValueError for Python callers."""
+
+
+def max_threads() -> int:
+    """The most threads a command may ask for: the machine's logical CPUs."""
+    return os.cpu_count() or 1
+
+
+def check_threads(requested: int, option: str = "--threads") -> int:
+    """``requested`` when it is between 1 and ``max_threads()``; else ThreadCountError
+    naming ``option``."""
+    if requested < 1:
+        raise ThreadCountError(f"{option} must be a positive number of threads, got "
+                               f"{requested}")
+    if requested > max_threads():
+        raise ThreadCountError(f"{option} {requested} is more threads than this machine's "
+                               f"{max_threads()} CPUs: use at most {max_threads()}")
+    return requested
 
 
 def default_threads(work: Work, cores: int, load: float) -> int:
@@ -40,20 +68,19 @@ def user_chose_threads(requested: int | None) -> bool:
     return requested is not None or os.environ.get("OMP_NUM_THREADS", "").strip().isdigit()
 
 
-def choose_threads(requested: int | None, work: Work) -> int:
-    """``requested``, else ``OMP_NUM_THREADS`` when set, else ``default_threads``."""
+def choose_threads(requested: int | None, work: Work, option: str = "--threads") -> int:
+    """``requested`` (checked, ``check_threads``), else ``OMP_NUM_THREADS`` when set,
+    else ``default_threads``."""
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"threads must be positive, got {requested}")
-        return requested
+        return check_threads(requested, option)
     if user_chose_threads(None):
         return STARTUP_THREADS
     return default_threads(work, STARTUP_THREADS, load_average())
 
 
-def set_threads(requested: int | None, work: Work) -> int:
+def set_threads(requested: int | None, work: Work, option: str = "--threads") -> int:
     """Set torch's intra-op thread count as ``choose_threads`` says; returns it."""
-    threads = choose_threads(requested, work)
+    threads = choose_threads(requested, work, option)
     torch.set_num_threads(threads)
     return threads
 

@@ -69,7 +69,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_gguf_export(p: argparse.ArgumentParser) -> None:
-    """export's GGUF options (issue 23)."""
+    """export's GGUF options (llama.cpp's format)."""
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a Hugging Face folder; gguf: one file for llama.cpp")
     p.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
@@ -98,6 +98,33 @@ def _add_threads(p: argparse.ArgumentParser, default_is: str) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"CPU threads for torch (None: {default_is}, as measured fastest; "
                         "OMP_NUM_THREADS is kept when set)")
+
+
+def _add_instruct_eval(p: argparse.ArgumentParser) -> None:
+    """eval --instruct: does the model write the story a record asks for."""
+    g = p.add_argument_group("instruction following (--instruct)")
+    g.add_argument("--instruct", action="store_true",
+                   help="write a story for each held-out story's record (its derived "
+                        "Words / Random sentence / Features, or a real record's fields) "
+                        "and count what was asked and done")
+    g.add_argument("--held-out", action="store_true",
+                   help="the stories a training run held out (its data and seed: --config "
+                        "with any --set, else the checkpoint's config), in place of --data")
+    _add_config(g)
+    g.add_argument("--max-stories", type=int, default=20, help="stories to write for")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per story at most")
+    g.add_argument("--decoding", default="both", choices=["greedy", "sampled", "both"],
+                   help="greedy, sampled (--temperature, --top-k, seed --seed + story "
+                        "index) or both")
+    g.add_argument("--temperature", type=float, default=0.8, help="for the sampled stories")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="for the sampled stories (None: no cut)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="draws the prompts' words and sentences, and the samples")
+    g.add_argument("--prompt-style", default="record", choices=["record", "english"],
+                   help="record: the TinyStoriesInstruct fields then 'Story:'; english: "
+                        "'Write a short story for children that uses the words ...' (in "
+                        "the chat template of an --hf-model that has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,15 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a deepseek-mini checkpoint (best.pt, latest.pt)")
     source.add_argument("--hf-model", help="a transformers causal LM: folder, Hub id or GGUF")
-    p.add_argument("--data", required=True, help="text file to score")
+    p.add_argument("--data", default=None,
+                   help="text file to score (required unless --instruct --held-out)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="window length (None: the checkpoint's data.seq_len, or 128)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="score only the leading documents worth this many tokens "
                         "(None: the whole file)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="print one JSON object instead of the table; with FILE, write it "
+                        "there and print the table too")
     p.add_argument("--experts", action="store_true", help="print per-layer expert usage")
+    _add_instruct_eval(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to compute")
     p.add_argument("--tokenizer", default=None,
@@ -207,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together; more wait for a free row")
     p.add_argument("--model-name", default="deepseek-mini",
                    help="the model's id in the API")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, metavar="N",
+                   help="larger request bodies are refused (413)")
+    p.add_argument("--max-prompts", type=int, default=64, metavar="N",
+                   help="most prompts in one completion request")
     _add_decoding(p)
 
     sub.add_parser("fetch-assets", help="install the SmolLM2 tokenizer and weights for "
@@ -216,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module = importlib.import_module(f".{HANDLERS[args.command]}", __package__)
+    try:
+        module = _import_handler(args.command)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     try:
         with _sigterm_interrupts():
             status = module.run(args) or 0
@@ -244,6 +283,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _import_handler(command: str) -> object:
+    """The command's module, imported with Ctrl-C noted: ``import torch`` takes seconds,
+    and a library that swallows KeyboardInterrupt there (a bare ``except``) would lose
+    it, so the command would run on and end with status 0. An interrupt noted during the
+    import raises once it is done."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(f".{HANDLERS[command]}", __package__)
+    noted: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        noted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        module = importlib.import_module(f".{HANDLERS[command]}", __package__)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if noted:
+        raise KeyboardInterrupt
+    return module
 
 
 def _version() -> str:

@@ -24,12 +24,17 @@ def check_installed() -> None:
 def run(args: argparse.Namespace) -> None:
     check_installed()
     from ..serve.app import create_app
+    from ..serve.params import Limits
     from ..serve.server import bind, make_server
 
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    for option, value in (("--max-request-bytes", args.max_request_bytes),
+                          ("--max-prompts", args.max_prompts)):
+        if value < 1:
+            raise UserError(f"{option} must be >= 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     device = resolve_device(args.device, "--device")
@@ -45,7 +50,8 @@ def run(args: argparse.Namespace) -> None:
           f"API at http://{host}:{port}/v1, story page at http://{host}:{port}/", flush=True)
     print_note(note)
     try:
-        make_server(create_app(batcher, tok, args.model_name)).run(sockets=[sock])
+        limits = Limits(args.max_request_bytes, args.max_prompts)
+        make_server(create_app(batcher, tok, args.model_name, limits)).run(sockets=[sock])
     finally:
         batcher.close()
         sock.close()

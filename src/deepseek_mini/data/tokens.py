@@ -4,7 +4,7 @@
 ``<|endoftext|>`` after each document, splits train / validation by document and writes
 two uint16 token files plus a JSON of what they were made from. The cache directory's
 name is derived from everything that decides the split (source, file names, tokenizer,
-seed, fractions); its meta also records file sizes, modification times and sampled
+seed, fractions); its meta also records file sizes, modification times and whole-file
 digests, so a changed input is rebuilt in place and an unchanged one is memory-mapped in
 well under a second. Cached ids beyond the vocabulary (a corrupt file) rebuild it too, and
 so does a token file whose sampled digest is not the one recorded when it was written (a
@@ -26,7 +26,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, islice
 from pathlib import Path
 
@@ -69,7 +69,7 @@ def prepare_data(data: DataConfig, seed: int, vocab_size: int | None = None,
         raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens; the uint16 token "
                         "cache holds at most 65536")
     identity = _identity(data, seed, tok)
-    key = hashlib.sha256(json.dumps({k: identity[k] for k in _KEY_FIELDS},
+    key = hashlib.sha256(json.dumps({k: identity[k] for k in _KEY_FIELDS if k in identity},
                                     sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(data.cache_dir) / "data" / f"{data.source}-{key}"
     ensure_dir(directory, "data.cache_dir")
@@ -169,9 +169,27 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
 
 
 # What names the cache directory; the rest of the identity (file sizes and times) only
-# decides whether its contents are current.
+# decides whether its contents are current. The derivation keys are in the identity only
+# when derivation is on, so the caches of runs without it keep their names.
 _KEY_FIELDS = ("version", "source", "files", "tokenizer", "seed", "val_fraction",
-               "demo_stories", "max_documents")
+               "demo_stories", "max_documents", "instruct", "instruct_fraction")
+
+
+def split_rng(seed: int) -> np.random.Generator:
+    """The generator whose draws, one per document in order, put each document in the
+    validation split (a draw below ``data.val_fraction``) or in training."""
+    return np.random.default_rng([seed, 0x5EED])
+
+
+def held_out_documents(data: DataConfig, seed: int) -> Iterator[str]:
+    """The documents a run with ``data`` and ``seed`` holds out for validation, as plain
+    text (derivation off): the same draws as ``prepare_data``'s split, so a story scored
+    here was never trained on. (A split left empty by the draws, which training fills by
+    moving one document across, yields nothing here.)"""
+    rng = split_rng(seed)
+    for doc in documents(replace(data, instruct="none"), seed):
+        if rng.random() < data.val_fraction:
+            yield doc
 
 
 def _identity(data: DataConfig, seed: int, tok: Tokenizer) -> dict:
@@ -186,6 +204,8 @@ def _identity(data: DataConfig, seed: int, tok: Tokenizer) -> dict:
         "val_fraction": data.val_fraction,
         "demo_stories": data.demo_stories if data.source == "demo" else None,
         "max_documents": data.max_documents,
+        **({"instruct": data.instruct, "instruct_fraction": data.instruct_fraction}
+           if data.instruct != "none" else {}),
     }
 
 
@@ -308,7 +328,7 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, val_fraction: float, seed: int) -> None:
         self.directory, self.val_fraction = directory, val_fraction
-        self.rng = np.random.default_rng([seed, 0x5EED])
+        self.rng = split_rng(seed)
         self.tmp = {s: directory / f".{s}.bin.tmp" for s in ("train", "val")}
         self.doc_counts = {"train": 0, "val": 0}
         self.token_counts = {"train": 0, "val": 0}

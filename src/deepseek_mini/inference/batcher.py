@@ -62,7 +62,7 @@ class _Row:
     request: Request
     generator: torch.Generator | None
     budget: int  # tokens still to deliver
-    position: int  # RoPE position of the token fed next
+    position: int  # RoPE position of ``token``: the prompt's length for the first one
     token: int  # the token fed next
 
 
@@ -197,6 +197,8 @@ class Batcher:
         tokens = torch.tensor([[row.token] for row in self._rows], device=device)
         positions = torch.tensor([[row.position] for row in self._rows], device=device)
         logits = decode_one(self.model, tokens, self._cache, positions)
+        for row in self._rows:  # each fed token took its position; the next takes the one after
+            row.position += 1
         chosen = self._sample(logits, self._rows).tolist()  # the step's one host sync
         self._keep([i for i, (row, token) in enumerate(zip(self._rows, chosen, strict=True))
                     if self._deliver(row, token)])
@@ -224,7 +226,7 @@ class Batcher:
         if row.budget == 0:
             request.deliver(Finish("length"))
             return False
-        row.token, row.position = token, row.position + 1
+        row.token = token
         return True
 
     def _cancelled(self, row: _Row) -> bool:

@@ -22,6 +22,12 @@ PYTHON_NAMES = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p"
                 "seed": "seed"}
 CLI_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
              "seed": "--seed"}
+# The smallest temperature above 0 and top_p sampled with: logits are divided by the
+# temperature in fp32, so 1e-320 (0 in fp32) or 1e-40 makes them inf and the draw NaN; a
+# top_p that is 0 in fp32 (1e-300) drops every token. Below these bounds every draw is the
+# most likely token anyway (for any vocabulary under a million ids): use 0 / top_k 1.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 # What torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -36,10 +42,18 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
     if not temperature >= 0.0:  # also rejects NaN
         raise SamplingError(f"{names['temperature']} must be >= 0 (0 = greedy), "
                             f"got {temperature}")
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise SamplingError(f"{names['temperature']} must be 0 (greedy) or at least "
+                            f"{MIN_TEMPERATURE:g}, got {temperature:g}: below it the scores "
+                            "overflow and nothing can be sampled")
     if top_k is not None and top_k < 1:
         raise SamplingError(f"{names['top_k']} must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise SamplingError(f"{names['top_p']} must be in (0, 1], got {top_p}")
+    if top_p is not None and top_p < MIN_TOP_P:
+        raise SamplingError(f"{names['top_p']} must be at least {MIN_TOP_P:g}, got "
+                            f"{top_p:g}: below it no token is kept (use top_k 1 for the most "
+                            "likely token)")
 
 
 def check_seed(seed: int | None, names: dict[str, str] = PYTHON_NAMES) -> None:

@@ -2,7 +2,7 @@
 
 The gguf package's ``GGUFReader`` parses every metadata field into numpy views first,
 SmolLM2's 49,152 vocabulary strings and 48,900 merges included: seconds before the
-first key is known (BENCHMARKS.md, issue 26). A warm start needs only a dozen numbers
+first key is known (BENCHMARKS.md, "SmolLM2 warm start"). A warm start needs only a dozen numbers
 to know whether the config can map at all, so this reads the header, the scalar and
 string fields and the tensor infos in one pass over the file's bytes, stepping over
 arrays, and leaves the tensors to ``GGUFReader``.

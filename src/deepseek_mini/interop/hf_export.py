@@ -51,6 +51,10 @@ class Exported:
 
 def export(checkpoint: str | Path, out: str | Path) -> Exported:
     out = Path(out)
+    if out.is_symlink():  # the export is renamed into place, which a link would not take
+        target = "a folder" if out.is_dir() else "a file" if out.exists() else "nothing"
+        raise UserError(f"export: {out} is a symbolic link (to {target}): give the "
+                        "folder's own path, or a new name")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export: {out} already exists and is not an empty folder")
     ckpt = load_checkpoint(checkpoint)

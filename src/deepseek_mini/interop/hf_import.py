@@ -12,7 +12,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..model.transformer import DeepSeekMini
+from ..model.transformer import DeepSeekMini, check_model_fits
 from .hf_layout import from_hf, model_config_from_hf
 
 HF_PREFIX = "hf:"
@@ -32,6 +32,9 @@ def import_deepseek_v3(folder: str | Path, base: ModelConfig) -> DeepSeekMini:
         raise UserError(f"{folder}: no config.json (expected a transformers DeepseekV3 folder)")
     raw = _read_json(folder / "config.json")
     cfg = model_config_from_hf(raw, base, str(folder))
+    # The meta model below skips the memory check a real one makes, and a config.json of
+    # ten million layers would spend minutes and gigabytes building Python modules first.
+    check_model_fits(cfg, f"{folder}'s model")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in DeepSeekMini(cfg).state_dict().items()}
     state = from_hf(cfg, _read_tensors(folder), raw.get("rope_interleave", True), expected,

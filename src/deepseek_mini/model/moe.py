@@ -190,7 +190,9 @@ class MoE(nn.Module):
             counts = F.one_hot(flat_expert, self.num_experts).sum(0)
             return self.experts.gathered(slots, flat_expert).view(*chosen.shape, -1), counts
         order = flat_expert.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(
+            0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         expert_out = self.experts(tokens[order // self.top_k], counts)
         # back to (token, slot) order: a gather
-        return expert_out.index_select(0, order.argsort()).view(*chosen.shape, -1), counts
+        return expert_out.index_select(0, inverse).view(*chosen.shape, -1), counts

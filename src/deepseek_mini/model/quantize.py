@@ -11,8 +11,8 @@ vector as one quantized [N + 1, h] layer, gathered once (the weights no longer c
 through the head's own logits and cross-entropy. The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
-Products run one of two int8 kernels (``KERNEL``; benchmarks/int8_kernels.py, figures in
-the notes):
+Products run one of two int8 kernels (``KERNEL``; measured by
+benchmarks/decoding/int8_kernels.py, figures in BENCHMARKS.md, "int8 and bf16 weights"):
 
 * ``"int8pack"``, the default: PyTorch's weight-only kernel ``torch._weight_int8pack_mm``
   with bf16 activations, 4.5-10x fp32 ``F.linear`` for a few rows on a CPU with native
@@ -23,9 +23,9 @@ the notes):
 * ``"fbgemm"``, opt-in (``DEEPSEEK_MINI_INT8_KERNEL=fbgemm``): FBGEMM's packed int8 GEMM,
   ``torch.ops.quantized.linear_dynamic``, which also rounds the activations to 7 bits on
   the fly (one asymmetric range per call; several rows are brought to one range first,
-  so each is rounded on its own). 2-4x fp32 at one row on the Zen 3 and 2x fp32 in
-  prefill, but +0.14 nats on the SmolLM2 warm start: outside the 0.01 that a default
-  must keep, so never chosen by itself.
+  so each is rounded on its own). 1.4-4x fp32 at one row on the Zen 3 (0.8x on the
+  96-row kv down-projection) and 2x fp32 in prefill, but +0.14 nats on the SmolLM2
+  warm start: outside the 0.01 that a default must keep, so never chosen by itself.
 
 A routed expert is quantized inside the stacked ``[experts, out, in]`` tensor: the
 sorted (grouped) path runs the kernel once per chosen expert, and the gathered path (a

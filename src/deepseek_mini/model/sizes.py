@@ -137,12 +137,21 @@ def plain_kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -
 # Memory lower bounds, in bytes by what they hold (memory.check_fits compares the sum
 # with the machine): less than any run needs, so only configs that cannot fit are refused.
 
+# Python's own objects for one decoder layer's modules and parameters, a lower bound:
+# measured 33 KB a layer for the thinnest layer (two experts, none shared, hidden 8), so a
+# config of ten million thin layers, tiny in weights, is refused rather than spending
+# hundreds of gigabytes building modules.
+MODULE_BYTES_PER_LAYER = 24 << 10
+
+
 def model_memory(cfg: ModelConfig, bytes_per_value: int = 4) -> dict[str, int]:
-    """What building the model holds: its weights (MTP included) and the RoPE tables
-    (cos and sin, fp32, ``max_position`` rows)."""
+    """What building the model holds: its weights (MTP included), the RoPE tables
+    (cos and sin, fp32, ``max_position`` rows) and the layers' Python modules."""
     weights = (total_params(cfg) + mtp_params(cfg)) * bytes_per_value
     return {"the weights (model.vocab_size, hidden_size, num_layers, expert sizes)": weights,
-            "the RoPE tables (model.max_position)": 2 * 4 * cfg.max_position * cfg.rope_dim}
+            "the RoPE tables (model.max_position)": 2 * 4 * cfg.max_position * cfg.rope_dim,
+            "the layers' modules (model.num_layers)":
+                MODULE_BYTES_PER_LAYER * (cfg.num_layers + cfg.mtp_depth)}
 
 
 def training_memory(cfg: Config, shards: int = 1) -> dict[str, int]:

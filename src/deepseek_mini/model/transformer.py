@@ -103,11 +103,20 @@ class DecoderLayer(nn.Module):
         return x + moe_out, stats
 
 
+def check_model_fits(cfg: ModelConfig, what: str | None = None) -> None:
+    """Refuse, before building anything, a model whose weights cannot fit the default
+    device's memory (the CPU's when that device is ``meta``, where a model is built for
+    its shapes and made real later): every path that builds a model from someone else's
+    config (a checkpoint's, a transformers folder's) passes here."""
+    device = torch.get_default_device()
+    check_fits(model_memory(cfg), "cpu" if device.type == "meta" else device,
+               what or f"a model of hidden_size {cfg.hidden_size} x {cfg.num_layers} layers")
+
+
 class DeepSeekMini(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        check_fits(model_memory(cfg), torch.get_default_device(),
-                   f"a model of hidden_size {cfg.hidden_size} x {cfg.num_layers} layers")
+        check_model_fits(cfg)
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(

@@ -27,7 +27,7 @@ from ..inference.prompts import prompt_ids
 from ..inference.sampling import SamplingError
 from ..inference.streaming import IncrementalDecoder
 from . import params
-from .params import ApiError, Completion
+from .params import ApiError, Completion, Limits
 
 
 class _Choice:
@@ -68,9 +68,17 @@ class _Choice:
 class _Job:
     """The engine requests of one HTTP request, and their events as they come."""
 
-    def __init__(self, batcher: Batcher, tok: Tokenizer, request: Completion) -> None:
+    @classmethod
+    async def start(cls, batcher: Batcher, tok: Tokenizer, request: Completion) -> _Job:
+        """The job, its prompts tokenised in a worker thread: a long prompt takes the
+        tokenizer a while, and on the event loop it would stall every other request
+        (``/health`` included) meanwhile."""
+        prompts = await asyncio.to_thread(prompt_ids, tok, request.prompts)
+        return cls(batcher, tok, request, prompts)
+
+    def __init__(self, batcher: Batcher, tok: Tokenizer, request: Completion,
+                 prompts: list[list[int]]) -> None:
         self.choices = [_Choice(tok, request.stop) for _ in request.prompts]
-        prompts = prompt_ids(tok, request.prompts)
         for ids in prompts:  # every prompt checked before any is queued
             try:
                 batcher.check(ids, request.max_tokens, request.temperature, request.top_k,
@@ -115,8 +123,11 @@ class _Job:
                 "total_tokens": self.prompt_tokens + done}
 
 
-def create_app(batcher: Batcher, tok: Tokenizer, model_name: str) -> FastAPI:
-    """The app serving ``batcher``'s model under the name ``model_name``."""
+def create_app(batcher: Batcher, tok: Tokenizer, model_name: str,
+               limits: Limits | None = None) -> FastAPI:
+    """The app serving ``batcher``'s model under the name ``model_name``, refusing
+    requests beyond ``limits`` (None: the defaults)."""
+    limits = limits or Limits()
     app = FastAPI(title="deepseek-mini", docs_url=None, redoc_url=None)
     created = int(time.time())
 
@@ -140,14 +151,15 @@ def create_app(batcher: Batcher, tok: Tokenizer, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return await _respond(params.completion(await _body(request), model_name), request)
+        return await _respond(params.completion(await _body(request, limits), model_name,
+                                                limits), request)
 
     @app.post("/v1/stories")
     async def stories(request: Request) -> Any:
-        return await _respond(params.story(await _body(request), model_name), request)
+        return await _respond(params.story(await _body(request, limits), model_name), request)
 
     async def _respond(request: Completion, http: Request) -> Any:
-        job = _Job(batcher, tok, request)
+        job = await _Job.start(batcher, tok, request)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         if request.stream:
@@ -204,8 +216,8 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def _body(request: Request) -> Any:
-    raw = await request.body()
+async def _body(request: Request, limits: Limits) -> Any:
+    raw = await _read_body(request, limits.max_body_bytes)
     if not raw.strip():
         raise ApiError("the request body is empty: send a JSON object")
     try:
@@ -216,3 +228,23 @@ async def _body(request: Request) -> Any:
         raise ApiError("the request body is nested too deeply") from None
     params.check_text(body)
     return body
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes: from
+    its Content-Length before reading any of it, else while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(f"{int(declared):,} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"over {limit:,} bytes", limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str, limit: int) -> ApiError:
+    return ApiError(f"the request body is {size}; this server takes at most {limit:,} "
+                    "(serve --max-request-bytes)", None, 413, "request_too_large")

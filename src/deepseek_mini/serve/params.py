@@ -9,9 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.instruct import instruct_prompt
-from ..inference.sampling import SEED_RANGE
+from ..inference.sampling import SEED_RANGE, SamplingError, check_sampling
 
 MAX_STOPS = 4  # as OpenAI's API
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (``serve --max-request-bytes``,
+    ``--max-prompts``): a prompt the model can read is at most ``max_position`` tokens,
+    a few kilobytes of text, so a megabyte of JSON is room for many; and each prompt takes
+    a row of the batch, so a list of hundreds would hold every other client's requests
+    back for its whole length."""
+
+    max_body_bytes: int = 1 << 20
+    max_prompts: int = 64
 
 
 class ApiError(Exception):
@@ -98,10 +110,13 @@ def sampling(body: Any, prompts: list[str], defaults: tuple[int, float]) -> Comp
     if temperature < 0:
         raise ApiError(f"temperature must be >= 0 (0 = greedy), got {temperature:g}",
                        "temperature")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ApiError(f"top_p must be in (0, 1], got {top_p:g}", "top_p")
     if top_k is not None and top_k < 1:
         raise ApiError(f"top_k must be >= 1, got {top_k}", "top_k")
+    try:  # the engine's own bounds (a tiny temperature or top_p overflows its arithmetic)
+        check_sampling(temperature, top_k, top_p)
+    except SamplingError as exc:
+        raise ApiError(str(exc), "top_p" if str(exc).startswith("top_p") else
+                       "temperature") from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(f"stream must be true or false, got {stream!r}", "stream")
@@ -118,8 +133,9 @@ def sampling(body: Any, prompts: list[str], defaults: tuple[int, float]) -> Comp
                       stream)
 
 
-def completion(body: Any, served: str) -> Completion:
-    """``POST /v1/completions``: ``prompt`` is a string or a list of strings."""
+def completion(body: Any, served: str, limits: Limits | None = None) -> Completion:
+    """``POST /v1/completions``: ``prompt`` is a string or a list of at most
+    ``limits.max_prompts`` strings."""
     body = _object(body)
     check_model(body, served)
     prompt = body.get("prompt")
@@ -127,7 +143,12 @@ def completion(body: Any, served: str) -> Completion:
     if (not isinstance(prompts, list) or not prompts
             or not all(isinstance(p, str) for p in prompts)):
         raise ApiError(f"prompt must be a string or a non-empty list of strings, got "
-                       f"{prompt!r}", "prompt")
+                       f"{_short(prompt)}", "prompt")
+    limits = limits or Limits()
+    if len(prompts) > limits.max_prompts:
+        raise ApiError(f"prompt is a list of {len(prompts)} prompts; this server takes at "
+                       f"most {limits.max_prompts} in one request (serve --max-prompts)",
+                       "prompt")
     if not all(p.strip() for p in prompts):
         raise ApiError("prompt is empty", "prompt")
     return sampling(body, prompts, (16, 1.0))
@@ -156,6 +177,13 @@ def check_text(body: Any) -> None:
             named = key if isinstance(key, str) and key.isascii() else None
             raise ApiError(f"{named or 'the request'} holds a lone UTF-16 surrogate (such as "
                            "\\ud800): not valid Unicode text", named) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message never echoes a
+    megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _object(body: Any) -> dict:

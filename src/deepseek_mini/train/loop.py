@@ -16,9 +16,11 @@ writes, so checkpoints and metrics read as a single process's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,12 @@ from ..model.sizes import flops_per_token, training_memory
 from ..model.transformer import compile_model
 from ..threads import busy_note, set_threads, user_chose_threads
 from .distributed import Parallel, setup
+from .eta import Eta, format_duration
 from .log_window import LogWindow
 from .mfu import format_flops, measure_matmul_peak
-from .optim import build_optimizer, build_scheduler, set_trainable
+from .optim import build_optimizer, build_scheduler, lr_keys, set_trainable
 from .precision import Precision, check_fp16_device, setup_precision
-from .resume import check_changes, keep_schedule
+from .resume import check_changes, keep_schedule, kept_val_windows, val_windows
 from .run_folder import claim_for_ranks
 from .runlog import RunLog, continue_metrics
 from .signals import StopRequest
@@ -83,7 +86,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None,
     """
     if stop_after is not None and stop_after <= 0:
         raise UserError(f"--stop-after must be a positive number of steps, got {stop_after}")
-    set_threads(cfg.train.threads, "train")
+    set_threads(cfg.train.threads, "train", "train.threads (--threads)")
     keep_freed_memory()
     parallel, precision = setup(cfg.train, setup_precision(cfg.train))
     try:
@@ -110,9 +113,12 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     check_trackers(cfg.train.trackers if ranks.is_main else [])  # before the data's wait
     ckpt = resume_checkpoint(cfg, out_dir) if resume else None
     changes: list[str] = []
+    windows = val_windows(cfg)
     if ckpt is not None:
         changes = check_changes(ckpt["config"], cfg, allow_changes)
         cfg = keep_schedule(ckpt["config"], cfg)
+        windows, note = kept_val_windows(ckpt, cfg, out_dir / LATEST)
+        notes = [*notes, *([note] if note else [])]
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
@@ -127,6 +133,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
               make_sampler(data.train, cfg.data, cfg.train.batch_size, cfg.train.seed,
                            data.tokenizer.eos_id),
               LogWindow.zeros(precision.device), CollapseWatch())
+    run.val_windows = windows
     if ckpt is not None:
         run.load_state_dict(ckpt, out_dir / LATEST)
     if ranks.is_main:
@@ -140,8 +147,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     try:
         for note in notes:
             log.info(note)
-        evals = (val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
-                             cfg.train.eval_batches)
+        # the run's windows, whatever the micro batch, scored a micro batch at a time
+        evals = (list(val_batches(data.val, cfg.data.seq_len, windows, 1)[0]
+                      .split(cfg.train.micro_batch_size))
                  if len(data.val) > cfg.data.seq_len else [])
         stop_step = run.step + stop_after if stop_after is not None else None
         prompt = sample_prompt(first_document(data.val if len(data.val) else data.train,
@@ -179,6 +187,9 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
     stopping = False
     with StopRequest(log.info) as stop:
         end = tcfg.max_steps if stop_step is None else min(stop_step, tcfg.max_steps)
+        eta = Eta(run.step, end, tcfg.max_steps,
+                  {"eval": tcfg.eval_interval if evals else 0, "sample": tcfg.sample_interval,
+                   "save": tcfg.save_interval}, tokens_per_step)
         while run.step < end and not stopping:
             lr = run.scheduler.get_last_lr()[0]
             batch = run.parallel.batch(run.sampler, tcfg.micro_batch_size)
@@ -191,19 +202,23 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
             run.window.add(stats, finite, tokens_per_step)
             last = run.step == tcfg.max_steps
             if run.step % tcfg.log_interval == 0 or run.step == 1 or last:
-                _log_train(run, log, lr, flops, peak)
+                _log_train(run, log, lr, flops, peak, eta.seconds_left(run.step))
             elif run.step % MAX_NONFINITE_STREAK == 0:
                 _check_streak(run)
-            log.advance(None if run.last_loss is None else f"loss {run.last_loss:.3f}")
+            log.advance(_progress(run, eta))
             improved = False
             if evals and (run.step % tcfg.eval_interval == 0 or last):
-                improved = _evaluate(run, log, evals)
+                with _timed(eta, "eval"):
+                    improved = _evaluate(run, log, evals)
             if run.step % tcfg.sample_interval == 0 or last:
-                _sample(run, log, tokenizer, prompt)
+                with _timed(eta, "sample"):
+                    _sample(run, log, tokenizer, prompt)
             stopping = run.parallel.any(stop.requested is not None)
             save_latest = run.step % tcfg.save_interval == 0 or run.step == end or stopping
             if improved or save_latest:
-                save(run, best=improved, latest=save_latest)
+                with _timed(eta, "save"):
+                    save(run, best=improved, latest=save_latest)
+            eta.step_done(run.step)
     if stopping:
         log.info(f"stopped by {stop.requested or 'a signal to another process'} at step "
                  f"{run.step}; {LATEST} saved (continue with --resume)")
@@ -215,6 +230,26 @@ def _loop(run: Run, log: RunLog, evals: list[torch.Tensor], tokenizer: Any, prom
     log.info(f"done: {run.step} steps, {run.tokens_seen:,} tokens, "
              f"{run.elapsed():.1f}s; best val CE {_fmt(run.best_val)}")
     return False
+
+
+@contextlib.contextmanager
+def _timed(eta: Eta, kind: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    eta.periodic(kind, time.perf_counter() - started)
+
+
+def _progress(run: Run, eta: Eta) -> str | None:
+    """The progress bar's postfix: the last loss, and the steady rate and the time left
+    once they are measured (the bar's own, counted from the first step and through every
+    validation pause, would be neither)."""
+    parts = [] if run.last_loss is None else [f"loss {run.last_loss:.3f}"]
+    rate, left = eta.tokens_per_s(run.step), eta.seconds_left(run.step)
+    if rate is not None:
+        parts.append(f"{rate:,.0f} tok/s")
+    if left is not None:
+        parts.append(f"eta {format_duration(left)}")
+    return ", ".join(parts) or None
 
 
 def _announce(run: Run, log: RunLog, ckpt: dict[str, Any] | None, changes: list[str],
@@ -259,7 +294,8 @@ def peak_source(precision: Precision) -> str:
     return f"linear on {torch.get_num_threads()} CPU threads"
 
 
-def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> None:
+def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float,
+               seconds_left: float | None) -> None:
     window = run.window
     sums, finite, skipped, streak = (window.sums.tolist(), int(window.finite_steps),
                                      int(window.skipped_total), int(window.streak))
@@ -275,7 +311,8 @@ def _log_train(run: Run, log: RunLog, lr: float, flops: int, peak: float) -> Non
     log.info(f"step {run.step:>6}/{run.cfg.train.max_steps} | loss {loss:.4f} | ce {ce:.4f} | "
              + (f"mtp ce {mtp_ce:.4f} | " if mtp else "")
              + f"aux {aux:.4f} | lr {lr:.2e} | {elapsed:7.1f}s | {tokens_per_s:,.0f} tok/s | "
-             f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}% of {format_flops(peak)}"
+             + (f"eta {format_duration(seconds_left)} | " if seconds_left is not None else "")
+             + f"grad {grad_norm:.3f} | mfu {100 * mfu:.1f}% of {format_flops(peak)}"
              + (f" | skipped {skipped_now} non-finite steps ({skipped} in all)"
                 if skipped_now else ""))
     log.metrics({"step": run.step, "loss": loss, "ce": ce, "aux": aux, "lr": lr,
@@ -296,7 +333,7 @@ def _check_streak(run: Run) -> None:
 def _raise_on_streak(run: Run, streak: int) -> None:
     if streak >= MAX_NONFINITE_STREAK:
         raise UserError(f"the loss was not finite for {streak} steps in a row (up to step "
-                        f"{run.step}): lower train.lr ({run.cfg.train.lr:g}) or try "
+                        f"{run.step}): lower {lr_keys(run.cfg.train)} or try "
                         "train.precision=fp32")
 
 

@@ -18,6 +18,14 @@ non-finite loss or gradient (``found_inf``, set by the trainer or the GradScaler
 skipped by both without a host sync: the fused AdamW kernel reads the flag itself, and
 Muon's update is made a no-op on the device (its gradient replaced by its momentum,
 which the momentum update then leaves as it was, and its weights restored from a copy).
+
+``torch.optim.Muon`` runs Newton-Schulz in bf16, whatever the CPU: on one without bf16
+instructions (AVX2 only) that product is emulated, 20-40x slower than fp32, and was ~80%
+of a CPU-hour step. ``train.muon_ns_precision`` (``auto``: bf16 where the device computes
+it natively, else fp32) picks it; fp32 runs the same iteration (torch's coefficients,
+order and normalisation) in fp32, the matrices of one shape as one batched product. That
+is a different rounding from torch's bf16, not a different update: fp32 is the closer of
+the two to the exact iteration (tests/test_muon.py holds both to an fp64 reference).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from ..model.router import SigmoidRouter, SoftmaxRouter
 
 ROUTERS = (SoftmaxRouter, SigmoidRouter)
 MUON_SETTINGS = ("momentum", "ns_steps", "adjust_lr_fn")  # train.muon_* in Muon's groups
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter],
@@ -63,6 +72,57 @@ def expert_views(weight: torch.Tensor) -> list[torch.Tensor]:
     return [weight.detach()[e].T for e in range(weight.shape[0])]
 
 
+def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float],
+                  steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz (``_zeropower_via_newtonschulz``) over a stack of
+    same-shaped matrices ``[n, rows, cols]`` at once, in ``updates``' own dtype (the
+    caller's fp32): each normalised by its own Frobenius norm, a tall one transposed."""
+    a, b, c = coefficients
+    x = updates.mT if updates.shape[-2] > updates.shape[-1] else updates
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if updates.shape[-2] > updates.shape[-1] else x
+
+
+def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's shape-dependent learning rate (its ``_adjust_lr``)."""
+    from torch.optim._muon import _adjust_lr
+    return _adjust_lr(lr, adjust_lr_fn, shape)
+
+
+class Fp32NewtonSchulzMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` whose Newton-Schulz runs in fp32, batched per shape; the
+    momentum, Nesterov, weight decay and lr adjustment are torch's own steps."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            if not params:
+                continue
+            momentum = group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = (torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"]
+                       else bufs)
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            lr, decay = group["lr"], group["weight_decay"]
+            for shape, members in by_shape.items():
+                stacked = torch.stack([updates[i].float() for i in members])
+                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"],
+                                      group["eps"])
+                targets = [params[i] for i in members]
+                torch._foreach_mul_(targets, 1 - lr * decay)
+                torch._foreach_add_(targets, list(ortho.to(targets[0].dtype).unbind(0)),
+                                    alpha=-_adjusted_lr(lr, group["adjust_lr_fn"],
+                                                        torch.Size(shape)))
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` over ``matrices`` and per-expert views of ``experts``, fused
     ``torch.optim.AdamW`` over ``adamw_groups``; one optimizer to its callers."""
@@ -72,15 +132,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def __init__(self, matrices: list[nn.Parameter], experts: list[nn.Parameter],
                  adamw_groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float],
                  muon_lr: float, weight_decay: float, momentum: float,
-                 adjust_lr_fn: str, ns_steps: int = 5) -> None:
+                 adjust_lr_fn: str, ns_steps: int = 5, ns_precision: str = "bf16") -> None:
         # No Optimizer.__init__: the groups and state are the two optimizers' own.
         self.defaults: dict[str, Any] = {}
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, fused=True)
         self._experts = [(w, expert_views(w)) for w in experts]
         views = [v for _, vs in self._experts for v in vs]
-        self.muon = torch.optim.Muon(matrices + views, lr=muon_lr, weight_decay=weight_decay,
-                                     momentum=momentum, adjust_lr_fn=adjust_lr_fn,
-                                     ns_steps=ns_steps)
+        muon = Fp32NewtonSchulzMuon if ns_precision == "fp32" else torch.optim.Muon
+        self.muon = muon(matrices + views, lr=muon_lr, weight_decay=weight_decay,
+                         momentum=momentum, adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps)
         self._owners = matrices + experts  # the tensors Muon writes
         for p in matrices + views:  # as Muon would make them on its first step
             self.muon.state[p]["momentum_buffer"] = torch.zeros_like(p)

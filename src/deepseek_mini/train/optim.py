@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from .muon import MuonWithAdamW, muon_split
+from .precision import bf16_is_native
 
 
 def set_trainable(model: nn.Module, trainable: str) -> None:
@@ -46,7 +47,27 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return MuonWithAdamW(matrices, experts, _adamw_groups(rest, cfg.weight_decay), lr=cfg.lr,
                          betas=betas, muon_lr=cfg.muon_base_lr, weight_decay=cfg.weight_decay,
                          momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr,
-                         ns_steps=cfg.muon_ns_steps)
+                         ns_steps=cfg.muon_ns_steps,
+                         ns_precision=muon_ns_precision(cfg, matrices[0].device if matrices
+                                                        else torch.device("cpu")))
+
+
+def muon_ns_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``train.muon_ns_precision`` resolved: ``auto`` is torch's bf16 where ``device``
+    computes bf16 natively, else fp32 (emulated bf16 made Newton-Schulz 20-40x slower
+    than fp32 on an AVX2 CPU)."""
+    if cfg.muon_ns_precision != "auto":
+        return cfg.muon_ns_precision
+    return "bf16" if bf16_is_native(device) else "fp32"
+
+
+def lr_keys(cfg: TrainConfig) -> str:
+    """The learning-rate keys a diverged run should lower, with their values: Muon's own
+    ``train.muon_lr`` where it is set (it drives the hidden matrices, where a run
+    diverges), else ``train.lr``, which both optimizers then share."""
+    if cfg.optimizer == "muon" and cfg.muon_lr is not None:
+        return f"train.muon_lr {cfg.muon_lr:g} (Muon's; AdamW's train.lr is {cfg.lr:g})"
+    return f"train.lr {cfg.lr:g}"
 
 
 def base_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[float]:

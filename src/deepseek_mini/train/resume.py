@@ -65,6 +65,31 @@ def _check_optimizer(saved: dict[str, Any], cfg: Config) -> None:
                         "train.warm_start=PATH/latest.pt")
 
 
+def val_windows(cfg: Config) -> int:
+    """How many fixed validation windows a new run scores: ``train.eval_batches`` batches
+    of ``train.batch_size`` (the global batch), whatever ``micro_batch_size``, processes
+    or expert parallelism; they are scored a micro batch at a time."""
+    return cfg.train.eval_batches * cfg.train.batch_size
+
+
+def kept_val_windows(ckpt: dict[str, Any], cfg: Config, path: Any) -> tuple[int, str | None]:
+    """The validation windows a resumed run goes on scoring, so ``best.pt`` compares CE
+    over one set of windows: the count the checkpoint saved, or for a checkpoint from
+    before it was saved, the ``micro_batch_size x eval_batches`` it validated on; and a
+    note when the config now asks for another count."""
+    count = ckpt.get("val_windows")
+    if count is None:
+        old = ckpt["config"].get("train", {})
+        count = old.get("micro_batch_size", 8) * old.get("eval_batches", 20)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UserError(f"--resume: {path} is damaged: val_windows is {count!r}, not a count")
+    asked = val_windows(cfg)
+    note = (None if asked == count else
+            f"validation keeps this run's {count} windows (train.eval_batches x "
+            f"train.batch_size now gives {asked}), so its CE and best.pt stay comparable")
+    return count, note
+
+
 def keep_schedule(saved: dict[str, Any], cfg: Config) -> Config:
     """``cfg`` with the decay horizon the run started with, unless ``cfg`` sets a new one."""
     old = saved.get("train", {})

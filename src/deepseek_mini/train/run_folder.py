@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import UserError
-from ..files import CONFIG_FILE, LATEST, LOCK_FILE, METRICS_FILE, RUN_FILES, ensure_dir
+from ..files import (
+    CONFIG_FILE,
+    LATEST,
+    LOCK_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    RUN_FILES,
+    ensure_dir,
+)
 from .distributed import Parallel
 
 try:
@@ -85,6 +93,8 @@ def claim(out_dir: Path, resume: bool) -> RunFolder:
     folder = RunFolder(ensure_dir(out_dir, "train.out_dir"))
     _lock(folder)
     try:
+        if resume:
+            _refuse_linked_logs(folder)
         _remove_temporaries(folder)
         if not resume:
             _move_older_run_aside(folder)
@@ -92,6 +102,26 @@ def claim(out_dir: Path, resume: bool) -> RunFolder:
         folder.release()
         raise UserError(f"cannot tidy the run folder {out_dir}: {exc}") from None
     return folder
+
+
+def _refuse_linked_logs(folder: RunFolder) -> None:
+    """A resumed run appends to ``train.log`` and rewrites ``metrics.jsonl``: where either
+    is a symbolic or hard link, that write would land in another file, so the run is
+    refused, as a lock that is a link is (``_open_lock``)."""
+    for name in (LOG_FILE, METRICS_FILE):
+        path = folder.path / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else
+                f"a hard link ({st.st_nlink} names)"
+                if stat.S_ISREG(st.st_mode) and st.st_nlink != 1 else None)
+        if what is not None:
+            folder.release()
+            raise UserError(f"{path} is {what}: a resumed run writes to its own log files "
+                            "only, so it is left untouched; replace the link with a copy of "
+                            "the file, or choose another train.out_dir")
 
 
 def _lock(folder: RunFolder) -> None:

@@ -13,12 +13,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from tqdm import tqdm
 
 from ..console import silence_stdout
-from ..files import LOG_FILE, METRICS_FILE, atomic_write_text
+from ..files import LOG_FILE, METRICS_FILE, LineAppender, atomic_write_text
 from .trackers import Tracker, scalars
 
 
@@ -61,17 +61,20 @@ class RunLog:
         self.trackers = trackers or []
         self.bar: tqdm | None = None
         self.console_gone = False  # stdout's reader left (``train ... | head``)
-        self._log: TextIO | None = None
-        self._metrics: TextIO | None = None
+        self._log: LineAppender | None = None
+        self._metrics: LineAppender | None = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
-        self._log = open(out_dir / LOG_FILE, mode, encoding="utf-8")  # noqa: SIM115
-        self._metrics = open(out_dir / METRICS_FILE, mode, encoding="utf-8")  # noqa: SIM115
+        # whole lines only: a full disk cuts a line back off rather than leave half of it
+        self._log = LineAppender(out_dir / LOG_FILE, append=resume)
+        self._metrics = LineAppender(out_dir / METRICS_FILE, append=resume)
         if sys.stderr.isatty():
+            # The rate and time left are the loop's (train/eta.py), in the postfix: tqdm's
+            # own count the first step's warm-up and every validation pause.
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, leave=False)
+                            dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def info(self, line: str) -> None:
         if not self.enabled:
@@ -79,7 +82,6 @@ class RunLog:
         assert self._log is not None
         self._log.write(line + "\n")
         self._console(line)
-        self._log.flush()
 
     def _console(self, line: str) -> None:
         """The line on the console, unless its reader has gone: then the run goes on,
@@ -103,7 +105,6 @@ class RunLog:
             return
         assert self._metrics is not None
         self._metrics.write(json.dumps(json_value(row), allow_nan=False) + "\n")
-        self._metrics.flush()
         if self.trackers:
             values = scalars(row)
             for tracker in self.trackers:

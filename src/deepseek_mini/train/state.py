@@ -40,7 +40,7 @@ from ..model.transformer import DeepSeekMini, load_weights
 from .distributed import Parallel, Ranks
 from .log_window import LogWindow
 from .muon import MuonWithAdamW
-from .optim import base_lrs
+from .optim import base_lrs, lr_keys
 from .precision import Precision
 
 
@@ -67,6 +67,7 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     saved_step: int = 0  # the step of the last good save (a resume's checkpoint counts)
     saved_skips: int = 0  # non-finite steps skipped in all by then
+    val_windows: int = 0  # the run's fixed validation windows (resume.val_windows)
 
     @property
     def ranks(self) -> Ranks:
@@ -96,6 +97,7 @@ class Run:
             "elapsed_s": self.elapsed(),
             "log_window": self.window.state_dict(),
             "collapse_watch": self.watch.state_dict(),
+            "val_windows": self.val_windows,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = LATEST) -> None:
@@ -361,7 +363,7 @@ def save(run: Run, best: bool, latest: bool) -> None:
         kept = [name for name, wanted in ((BEST, best), (LATEST, latest))
                 if wanted and (run.out_dir / name).exists()]
         raise UserError(f"refusing to save step {run.step}: the model's weights or optimizer "
-                        f"state hold inf or NaN (train.lr is {run.cfg.train.lr:g}); "
+                        f"state hold inf or NaN ({lr_keys(run.cfg.train)}); "
                         + (f"{' and '.join(str(run.out_dir / k) for k in kept)} from the last "
                            "good save kept" if kept else "nothing was written"))
     skipped = int(run.window.skipped_total) - run.saved_skips
@@ -376,6 +378,11 @@ def save(run: Run, best: bool, latest: bool) -> None:
                                        best_val=state["best_val"]), run.out_dir / BEST)
     if latest:
         atomic_save(state, run.out_dir / LATEST)
+
+
+def _lr_names(run: Run) -> str:
+    tcfg = run.cfg.train
+    return "train.muon_lr" if tcfg.optimizer == "muon" and tcfg.muon_lr is not None else "train.lr"
 
 
 def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
@@ -394,9 +401,10 @@ def _refuse_diverged(run: Run, state: dict[str, Any], skipped: int) -> None:
     if run.ranks.is_main:
         atomic_save(state, out / DIVERGED)
     raise UserError(f"the run diverged: {count} since {since} were skipped because the loss "
-                    f"or gradient was not finite (train.lr {run.cfg.train.lr:g}, the "
+                    f"or gradient was not finite ({lr_keys(run.cfg.train)}, the "
                     f"schedule at {run.scheduler.get_last_lr()[0]:.3g}){largest}; "
                     + (f"{' and '.join(kept)} kept" if kept else "no earlier checkpoint")
                     + f", step {run.step}'s state written to {out / DIVERGED} instead: lower "
-                    "train.lr or try train.precision=fp32 (or, if it recovered, rename it "
+                    f"{_lr_names(run)} or try train.precision=fp32 (or, if it recovered, "
+                    "rename it "
                     f"{LATEST} and --resume)")
