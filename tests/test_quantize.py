@@ -20,6 +20,7 @@ from deepseek_mini.files import atomic_save
 from deepseek_mini.model import quantize as quantize_module
 from deepseek_mini.model.moe import RoutedExperts
 from deepseek_mini.model.quantize import (
+    KERNELS,
     Int8Experts,
     Int8Linear,
     QuantizedEmbedding,
@@ -31,6 +32,14 @@ V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swi
       "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_latent_dim": 32,
       "max_position": 96}
 LAYOUTS = {"seed": {"max_position": 96}, "v3": V3}
+# Every quantized path: int8 through each kernel (model/quantize.py), and bf16.
+PATHS = {"int8-fbgemm": ("int8", "fbgemm"), "int8-int8pack": ("int8", "int8pack"),
+         "bf16": ("bf16", None)}
+
+
+def quantized(model: DeepSeekMini, path: str) -> DeepSeekMini:
+    mode, kernel = PATHS[path]
+    return quantize(model, mode, kernel)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,30 +57,42 @@ def lively(model: DeepSeekMini) -> DeepSeekMini:
     return model.eval()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 40])  # the int8 kernel up to 16 rows, then a cast
-@pytest.mark.parametrize("width", [64, 72])  # 72: not a multiple of 16, always the cast
-def test_int8_linear_matches_fp32_within_quantization_error(rows, width):
-    """Against fp32 ``F.linear``: relative error under 2% (per-channel int8 rounds each
-    weight by at most 1/254 of its row's largest; bf16 activations add ~0.3%). Against the
-    dequantized weight ``q * s`` it differs only by bf16 rounding (under 1%)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])  # int8pack: its kernel up to 16 rows, then a cast
+@pytest.mark.parametrize("width", [64, 72, 13])  # int8pack: 72 and 13 always take fp32
+def test_int8_linear_matches_fp32_within_quantization_error(kernel, rows, width):
+    """Against fp32 ``F.linear``: relative error under 2% for int8pack (per-channel int8
+    rounds each weight by at most 1/254 of its row's largest; bf16 activations add ~0.3%),
+    under 3% for fbgemm (it also rounds the activations to 8 bits). Against the
+    dequantized weight ``q * s`` only the activations' rounding is left: bf16 (under 1%)
+    or 8-bit (under 2.5%)."""
     torch.manual_seed(0)
     weight = torch.randn(48, width) * 0.05
     x = torch.randn(3, rows, width)
-    layer = Int8Linear.from_weight(weight)
+    layer = Int8Linear.from_weight(weight, kernel)
     out = layer(x)
     assert out.shape == (3, rows, 48) and out.dtype == torch.float32
-    assert relative_error(out, F.linear(x, weight)) < 0.02
+    fbgemm = kernel == "fbgemm"
+    assert relative_error(out, F.linear(x, weight)) < (0.03 if fbgemm else 0.02)
     q, scale = quantize_rows(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
-    assert relative_error(out, F.linear(x, q.float() * scale.float()[:, None])) < 0.01
+    dequantized = F.linear(x, q.float() * scale.float()[:, None])
+    assert relative_error(out, dequantized) < (0.025 if fbgemm else 0.01)
+    # each row rounded as if alone: a row's output does not depend on the others' size
+    if fbgemm and rows > 1:
+        scaled = x.clone()
+        scaled[:, 0] *= 1000
+        assert relative_error(layer(scaled)[:, 1:], out[:, 1:]) < 0.01
     torch.testing.assert_close(layer.dequantized(torch.float32), q.float() * scale.float()[:, None])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_int8_experts_match_fp32_experts_and_gathered_equals_grouped(activation):
+def test_int8_experts_match_fp32_experts_and_gathered_equals_grouped(activation, kernel):
     """Sorted rows through each chosen expert's int8 weights match the fp32 experts within
-    3% (two int8 products in a row); the gathered path, which indexes only the chosen
-    experts' int8 weights, gives the grouped path's output within bf16 rounding (1%)."""
+    3% (two int8 products in a row; 5% with fbgemm's 8-bit activations); the gathered
+    path, which indexes only the chosen experts' int8 weights, gives the grouped path's
+    output within the activations' rounding (1% bf16, 5% fbgemm's row-at-a-time)."""
     torch.manual_seed(0)
     experts = RoutedExperts(4, 64, 48, activation)
     with torch.no_grad():
@@ -82,12 +103,14 @@ def test_int8_experts_match_fp32_experts_and_gathered_equals_grouped(activation)
     order = chosen.argsort(stable=True)
     counts = torch.bincount(chosen, minlength=4)
     reference = experts(x[order], counts)
-    int8 = Int8Experts(experts)
+    int8 = Int8Experts(experts, kernel)
     grouped = int8(x[order], counts)
-    assert relative_error(grouped, reference) < 0.03
+    fbgemm = kernel == "fbgemm"
+    assert relative_error(grouped, reference) < (0.05 if fbgemm else 0.03)
     gathered = int8.gathered(x[order], chosen[order])
-    assert relative_error(gathered, grouped) < 0.01
-    assert relative_error(int8.gathered(x, chosen), experts.gathered(x, chosen)) < 0.03
+    assert relative_error(gathered, grouped) < (0.05 if fbgemm else 0.01)
+    assert relative_error(int8.gathered(x, chosen),
+                          experts.gathered(x, chosen)) < (0.05 if fbgemm else 0.03)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -135,31 +158,37 @@ def test_quantize_replaces_every_matrix_but_the_router(mode):
         quantize(model, mode)
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_quantized_cached_decoding_equals_uncached(layout, mode, device, request):
-    """Greedy tokens of the latent cache (absorbed for latent_rope) equal full recomputation
-    of the same quantized model, batch 2 with left padding; each step's logits agree within
-    0.05 (bf16 activations, and the cast GEMM where the prefill has many rows); and the
-    quantized model stays close to its fp32 original (logits within 5% relative).
+def test_quantized_cached_decoding_equals_uncached(layout, path, device, request):
+    """The latent cache (absorbed for latent_rope) against full recomputation of the same
+    quantized model, batch 2 with left padding: each step's logits agree within 0.05
+    (bf16 activations, and the cast GEMM where the prefill has many rows) and the greedy
+    tokens are equal. fbgemm rounds each product's activations to 8 bits, one row at a
+    time in a step and rows brought to one range in a prompt, so its steps agree within
+    8% relative at this tiny width (hidden 64), not to the token. And the quantized model
+    stays close to its fp32 original (logits within 5% relative; 10% for fbgemm).
 
     The commands refuse ``--quantize`` off the CPU (``check_device``); on CUDA this runs
-    the same model-level paths to learn whether they would work there: int8's
-    ``torch._weight_int8pack_mm`` may have no CUDA kernel, so a failure there is expected
-    (xfail, not strict) rather than a regression."""
+    the same model-level paths to learn whether they would work there: neither int8
+    kernel (``torch._weight_int8pack_mm``, FBGEMM's packed GEMM) may have a CUDA kernel,
+    so a failure there is expected (xfail, not strict) rather than a regression."""
+    mode, _ = PATHS[path]
     if device.type != "cpu" and mode == "int8":
-        request.applymarker(pytest.mark.xfail(reason="int8 weight-only kernel: CPU only",
+        request.applymarker(pytest.mark.xfail(reason="int8 weight-only kernels: CPU only",
                                               strict=False))
     torch.manual_seed(0)
     fp32 = lively(DeepSeekMini(small_config(**LAYOUTS[layout]).model)).to(device)
-    model = quantize(copy.deepcopy(fp32), mode)
+    model = quantized(copy.deepcopy(fp32), path)
+    fbgemm = path == "int8-fbgemm"
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
     ids = ids.to(device)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     cached = generate(model, ids, max_new_tokens=24, attention_mask=mask)
-    assert torch.equal(cached, generate(model, ids, max_new_tokens=24, attention_mask=mask,
-                                        use_cache=False))
+    if not fbgemm:
+        assert torch.equal(cached, generate(model, ids, max_new_tokens=24,
+                                            attention_mask=mask, use_cache=False))
     with torch.inference_mode():
         full_mask = torch.cat([mask, torch.ones(2, 24, dtype=torch.long, device=device)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
@@ -170,9 +199,12 @@ def test_quantized_cached_decoding_equals_uncached(layout, mode, device, request
         for t in range(20, cached.shape[1] - 1):
             steps.append(model(cached[:, t:t + 1], cache=cache,
                                positions=positions[:, t:t + 1]).logits[:, -1])
-        torch.testing.assert_close(torch.stack(steps, 1), full[:, 19:-1], atol=0.05, rtol=0)
+        if fbgemm:
+            assert relative_error(torch.stack(steps, 1), full[:, 19:-1]) < 0.08
+        else:
+            torch.testing.assert_close(torch.stack(steps, 1), full[:, 19:-1], atol=0.05, rtol=0)
         reference = fp32(cached, positions=positions, attention_mask=full_mask).logits
-        assert relative_error(full[:, 2:], reference[:, 2:]) < 0.05
+        assert relative_error(full[:, 2:], reference[:, 2:]) < (0.1 if fbgemm else 0.05)
 
 
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
@@ -227,21 +259,24 @@ def test_quantized_trimmed_head_scores_its_rows_of_the_quantized_table(mode, tie
     assert logits.shape == (2, 12, 256) and relative_error(logits, reference) < 0.05
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kept", [40, 256])  # 256: every id kept, no "other" class
-def test_quantized_trimmed_head_decodes_cached_as_uncached_and_its_ce_is_its_logits(mode,
+def test_quantized_trimmed_head_decodes_cached_as_uncached_and_its_ce_is_its_logits(path,
                                                                                     kept):
     """Cached greedy decoding of a quantized trimmed head (batch 2, left padding) equals
-    full recomputation; with targets its CE (chunked through the head module, MTP's
-    included) is the CE of the logits it produces, and within 0.02 nats of fp32's."""
+    full recomputation (for all but 10% of fbgemm's tokens: its 8-bit activations are
+    rounded per row in a step, over rows brought to one range in a prompt); with targets
+    its CE (chunked through the head module, MTP's included) is the CE of the logits it
+    produces, and within 0.02 nats of fp32's (0.05 for fbgemm at this tiny width)."""
     fp32 = trimmed(True, kept, mtp_depth=1)
-    model = quantize(copy.deepcopy(fp32), mode)
+    model = quantized(copy.deepcopy(fp32), path)
+    fbgemm = path == "int8-fbgemm"
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     cached = generate(model, ids, max_new_tokens=16, attention_mask=mask)
-    assert torch.equal(cached, generate(model, ids, max_new_tokens=16, attention_mask=mask,
-                                        use_cache=False))
+    uncached = generate(model, ids, max_new_tokens=16, attention_mask=mask, use_cache=False)
+    assert float((cached == uncached).float().mean()) >= (0.9 if fbgemm else 1.0)
     targets = ids.roll(-1, 1)
     targets[:, -1] = -100
     with torch.inference_mode():
@@ -249,7 +284,8 @@ def test_quantized_trimmed_head_decodes_cached_as_uncached_and_its_ce_is_its_log
         expected = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
         reference = fp32(ids, targets=targets).ce
     torch.testing.assert_close(out.ce, expected, atol=1e-5, rtol=0)
-    assert torch.isfinite(out.mtp_ce) and abs(float(out.ce - reference)) < 0.02
+    assert torch.isfinite(out.mtp_ce)
+    assert abs(float(out.ce - reference)) < (0.05 if fbgemm else 0.02)
 
 
 def test_unknown_mode_and_unsupported_device_are_one_line_errors():
@@ -333,3 +369,39 @@ def test_cli_refuses_quantize_off_the_cpu_in_one_line(command, checkpoint, capsy
     err = capsys.readouterr().err
     assert err == ("error: --quantize int8 runs on the CPU only (its kernels were measured "
                    "there); got device cuda: drop --quantize or use --device cpu\n")
+
+
+def test_unknown_int8_kernel_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"^unknown int8 kernel 'int4pack': choose one of "
+                                        r"fbgemm, int8pack$"):
+        quantize(DeepSeekMini(small_config().model), "int8", "int4pack")
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, native_bf16):
+    """int8pack by default with or without native bf16: fbgemm is faster on an AVX2 CPU,
+    but its 7-bit activations cost 0.14 nats on a real model (BENCHMARKS.md,
+    "Quantization quality")."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+    assert quantize_module.best_kernel() == "int8pack"
+
+
+def test_compiled_fbgemm_ops_match_the_eager_products():
+    """A compiled step cannot trace FBGEMM's packed weights, so it calls opaque ops that
+    find them by the int8 matrix: the same products as eager, a layer's and the gathered
+    experts', for a deep-copied model too (packed on first use)."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight(torch.randn(48, 64) * 0.05, "fbgemm")
+    x = torch.randn(1, 3, 64)
+    linear = quantize_module.fbgemm_linear_op
+    torch.testing.assert_close(linear(x, layer.q, layer.scale), layer(x), rtol=0, atol=0)
+    copied = copy.deepcopy(layer)
+    torch.testing.assert_close(linear(x, copied.q, copied.scale), layer(x), rtol=0, atol=0)
+    experts = RoutedExperts(4, 64, 48, "swiglu")
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    int8 = Int8Experts(experts, "fbgemm")
+    rows, chosen = torch.randn(3, 64), torch.tensor([2, 0, 2])
+    expected = torch.cat([int8.one_token(rows[i:i + 1], chosen[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(int8.gathered(rows, chosen), expected, rtol=0, atol=0)

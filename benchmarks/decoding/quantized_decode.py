@@ -33,7 +33,12 @@ from torch import nn
 
 from deepseek_mini import Config, DeepSeekMini, quantize
 from deepseek_mini.model.moe import RoutedExperts
-from deepseek_mini.model.quantize import Bf16Experts, Int8Experts, QuantizedEmbedding
+from deepseek_mini.model.quantize import (
+    KERNELS,
+    Bf16Experts,
+    Int8Experts,
+    QuantizedEmbedding,
+)
 
 EXPERTS = (RoutedExperts, Int8Experts, Bf16Experts)
 
@@ -63,6 +68,8 @@ def models(cfg: Config, modes: list[str]) -> dict[str, DeepSeekMini]:
     for mode in modes:
         if mode == "int8-bf16act":  # --dtype bf16 --quantize int8
             out[mode] = quantize(copy.deepcopy(fp32).to(torch.bfloat16), "int8")
+        elif mode.startswith("int8-"):  # another int8 kernel than this CPU's default
+            out[mode] = quantize(copy.deepcopy(fp32), "int8", mode.removeprefix("int8-"))
         else:
             out[mode] = fp32 if mode == "fp32" else quantize(copy.deepcopy(fp32), mode)
     return out
@@ -74,9 +81,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8"],
-                        choices=["fp32", "bf16", "int8", "int8-bf16act"],
+                        choices=["fp32", "bf16", "int8", "int8-bf16act",
+                                 *(f"int8-{k}" for k in KERNELS)],
                         help="int8-bf16act: int8 weights with bf16 activations "
-                             "(--dtype bf16 --quantize int8)")
+                             "(--dtype bf16 --quantize int8); int8-KERNEL: that int8 "
+                             "kernel instead of this CPU's default")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--threads", type=int, default=1)

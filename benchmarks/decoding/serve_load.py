@@ -15,6 +15,7 @@ Fills BENCHMARKS.md, section "Serving".
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import torch
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.files import atomic_save
+from deepseek_mini.model.quantize import KERNELS
 
 PROMPTS = ["Once upon a time", "Tom had a red ball", "The little cat", "Lily went to the park",
            "One day, a big dog", "Sam and his mom"]
@@ -61,11 +63,13 @@ def load(url: str, clients: int, requests: int, max_tokens: int) -> tuple[float,
 
 def serve_and_load(path: Path, args: argparse.Namespace, quantize: str) -> list[tuple]:
     """(clients, req/s, tok/s) for 1, 4 and 16 clients against one server."""
-    extra = [] if quantize == "fp32" else ["--quantize", quantize]
+    mode, _, kernel = quantize.partition("-")  # int8-KERNEL: that int8 kernel
+    extra = [] if mode == "fp32" else ["--quantize", mode]
+    env = {**os.environ, "DEEPSEEK_MINI_INT8_KERNEL": kernel} if kernel else None
     server = subprocess.Popen(
         [sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint", str(path),
          "--port", "0", "--max-batch", "16", "--threads", str(args.threads), *extra],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = server.stdout.readline().split()[3]
         load(url, 1, 2, 4)  # warm-up
@@ -84,8 +88,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", nargs="+", default=["fp32"],
-                        choices=["fp32", "bf16", "int8"],
-                        help="weights of each server, run one after the other (fp32: none)")
+                        choices=["fp32", "bf16", "int8", *(f"int8-{k}" for k in KERNELS)],
+                        help="weights of each server, run one after the other (fp32: none; "
+                             "int8-KERNEL: int8 through that kernel)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         path = checkpoint(args.config, Path(folder), args.set)

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from deepseek_mini import generate, load_for_inference
+from deepseek_mini import generate, load_for_inference, quantize
 from deepseek_mini.evaluation import (
     count_bytes,
     deepseek_forward,
@@ -36,6 +36,7 @@ from deepseek_mini.evaluation import (
     token_stream,
 )
 from deepseek_mini.inference.prompts import encode_prompts
+from deepseek_mini.model.quantize import KERNELS
 
 
 def greedy(model, tok, prompts: list[str], new_tokens: int) -> torch.Tensor:
@@ -44,11 +45,21 @@ def greedy(model, tok, prompts: list[str], new_tokens: int) -> torch.Tensor:
     return out[:, ids.shape[1]:]
 
 
-def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
-    """(share of positions equal to the reference, mean tokens before the first change)."""
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float]:
+    """(share of positions equal to the reference, mean tokens before the first change,
+    share of prompts whose every new token equals the reference's)."""
     same = tokens == reference
     prefix = same.long().cumprod(dim=1).sum(dim=1).float()
-    return float(same.float().mean()), float(prefix.mean())
+    return (float(same.float().mean()), float(prefix.mean()),
+            float(same.all(dim=1).float().mean()))
+
+
+def load(checkpoint: str, mode: str):
+    """The checkpoint in ``mode``: fp32, bf16, int8 (this CPU's kernel) or int8-KERNEL."""
+    if not mode.startswith("int8-"):
+        return load_for_inference(checkpoint, quantize=None if mode == "fp32" else mode)
+    model, tok, cfg = load_for_inference(checkpoint)
+    return quantize(model, "int8", mode.removeprefix("int8-")), tok, cfg
 
 
 def main() -> None:
@@ -64,6 +75,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "int8"],
+                        choices=["fp32", "bf16", "int8", *(f"int8-{k}" for k in KERNELS)],
+                        help="fp32 first (the reference); int8-KERNEL: that int8 kernel")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     docs = read_documents(args.data)
@@ -74,10 +88,9 @@ def main() -> None:
     prompts = [" ".join(d.split()[:args.prompt_words]) for d in openings[:args.prompts]]
     rows = {}
     reference = None
-    for mode in ("fp32", "bf16", "int8"):
+    for mode in args.modes:
         start = time.perf_counter()
-        model, tok, _ = load_for_inference(args.checkpoint,
-                                           quantize=None if mode == "fp32" else mode)
+        model, tok, _ = load(args.checkpoint, mode)
         load_s = time.perf_counter() - start
         segments = select_segments(scored, tok, None)
         stream = token_stream(segments, tok.encode_batch, tok.eos_id)
@@ -87,20 +100,20 @@ def main() -> None:
         tokens = greedy(model, tok, prompts, args.new_tokens)
         reference = tokens if reference is None else reference
         rows[mode] = (result, agreement(tokens, reference), load_s)
-        if mode == "int8":
-            print("int8 sample:", prompts[0] + tok.decode(tokens[0].tolist()))
+        if mode.startswith("int8"):
+            print(f"{mode} sample:", prompts[0] + tok.decode(tokens[0].tolist()), flush=True)
         del model
         gc.collect()
     print(f"{args.checkpoint}: {rows['fp32'][0].tokens:,} held-out tokens ({len(scored)} "
           f"documents from {skip}), {args.prompts} greedy continuations of "
           f"{args.new_tokens} tokens; threads {args.threads}")
     print("| weights | CE (nats/token) | vs fp32 | bits/byte | tokens equal to fp32's | "
-          "tokens before the first change | load + quantize s |")
-    print("|---|---|---|---|---|---|---|")
-    base = rows["fp32"][0].ce
-    for mode, (result, (share, prefix), load_s) in rows.items():
+          "tokens before the first change | prompts equal throughout | load + quantize s |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = rows[args.modes[0]][0].ce
+    for mode, (result, (share, prefix, whole), load_s) in rows.items():
         print(f"| {mode} | {result.ce:.4f} | {result.ce - base:+.4f} | {result.bpb:.4f} | "
-              f"{100 * share:.1f}% | {prefix:.1f} | {load_s:.1f} |")
+              f"{100 * share:.1f}% | {prefix:.1f} | {100 * whole:.0f}% | {load_s:.1f} |")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,21 @@ vector as one quantized [N + 1, h] layer, gathered once (the weights no longer c
 through the head's own logits and cross-entropy. The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
-Products use PyTorch's own weight-only kernel, ``torch._weight_int8pack_mm``, with bf16
-activations: on a CPU with native bf16 it streams int8 weights at up to 3-6x the rate of
-fp32 ``F.linear`` for a few rows, while with fp32 activations it is 4x *slower* than
-fp32 (BENCHMARKS.md, "int8 and bf16 weights"). Two measured limits shape ``int8_linear``:
+Products run one of two int8 kernels (``KERNEL``; measured by
+benchmarks/decoding/int8_kernels.py, figures in BENCHMARKS.md, "int8 and bf16 weights"):
 
-* past ``DEQUANTIZE_ROWS`` rows (a prompt's prefill) casting the int8 matrix to bf16 and
-  running one bf16 GEMM is faster than the int8 kernel;
-* the kernel returns wrong values (or crashes) when the input width is not a multiple of
-  16 (``KERNEL_WIDTH``), so such layers (a 72-wide latent's up-projections) always cast,
-  to fp32.
+* ``"int8pack"``, the default: PyTorch's weight-only kernel ``torch._weight_int8pack_mm``
+  with bf16 activations, 4.5-10x fp32 ``F.linear`` for a few rows on a CPU with native
+  bf16 (AVX-512-BF16), 1.4-3.7x on an AVX2-only Zen 3. Past ``DEQUANTIZE_ROWS`` rows (a
+  prompt's prefill) a cast of the int8 matrix to bf16 and one bf16 GEMM is faster; widths
+  that are not a multiple of 16 (``KERNEL_WIDTH``: the kernel returns wrong values or
+  crashes) multiply an fp32 copy. Costs 0.0065 nats on the SmolLM2 warm start.
+* ``"fbgemm"``, opt-in (``DEEPSEEK_MINI_INT8_KERNEL=fbgemm``): FBGEMM's packed int8 GEMM,
+  ``torch.ops.quantized.linear_dynamic``, which also rounds the activations to 7 bits on
+  the fly (one asymmetric range per call; several rows are brought to one range first,
+  so each is rounded on its own). 1.4-4x fp32 at one row on the Zen 3 (0.8x on the
+  96-row kv down-projection) and 2x fp32 in prefill, but +0.14 nats on the SmolLM2
+  warm start: outside the 0.01 that a default must keep, so never chosen by itself.
 
 A routed expert is quantized inside the stacked ``[experts, out, in]`` tensor: the
 sorted (grouped) path runs the kernel once per chosen expert, and the gathered path (a
@@ -35,6 +40,10 @@ refuses, since the int8 kernel was measured on the CPU alone.
 
 from __future__ import annotations
 
+import os
+import warnings
+import weakref
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,7 +55,18 @@ from .moe import RoutedExperts, activate
 MODES = ("int8", "bf16")
 DEQUANTIZE_ROWS = 16  # rows above which a cast + bf16 GEMM beats the int8 kernel
 KERNEL_WIDTH = 16  # _weight_int8pack_mm needs input widths that are multiples of this
-COMPUTE = torch.bfloat16  # activations of the quantized products
+COMPUTE = torch.bfloat16  # activations of the int8pack products
+KERNELS = ("fbgemm", "int8pack")
+
+
+def best_kernel() -> str:
+    """The default int8 kernel: int8pack on every CPU. FBGEMM is faster on an AVX2-only
+    CPU but its 7-bit activations cost 0.14 nats on a real model (module docstring)."""
+    return "int8pack"
+
+
+# DEEPSEEK_MINI_INT8_KERNEL names another kernel (checked when a model is quantized).
+KERNEL = os.environ.get("DEEPSEEK_MINI_INT8_KERNEL") or best_kernel()
 
 
 def check_mode(mode: str) -> None:
@@ -73,11 +93,94 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+# FBGEMM's packed weights by the address of the int8 matrix they were made from, for the
+# compiled step: torch.compile cannot trace the packed object, so a compiled step calls
+# an opaque op on ``q`` (``fbgemm_linear_op``) that finds them here. An entry lives as long
+# as the tensor object it was registered with (``owner``), which keeps the address taken.
+_PACKED: dict[int, torch.ScriptObject] = {}
+
+
+def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor,
+                owner: torch.Tensor | None = None) -> torch.ScriptObject:
+    """FBGEMM's packed form of int8 ``q`` [out, in] with per-row ``scale`` [out] (the same
+    numbers: ``q * scale`` is unchanged), for ``torch.ops.quantized.linear_dynamic``;
+    registered for the compiled step while ``owner`` (default ``q``) lives."""
+    with warnings.catch_warnings():  # PyTorch flags quantized tensors as deprecated
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(
+            q.contiguous(), scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(weight, None)
+    key = q.data_ptr()
+    _PACKED[key] = packed
+    weakref.finalize(q if owner is None else owner, _PACKED.pop, key, None)
+    return packed
+
+
+def _registered(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """The packed weights of ``q``; a copy never registered (a deep-copied model) is
+    packed now and kept with a reference to ``q``, so its address is never reused."""
+    packed = _PACKED.get(q.data_ptr())
+    if packed is None:
+        packed = fbgemm_pack(q, scale)
+        _PACKED[q.data_ptr()] = packed
+        _KEPT.append(q)
+    return packed
+
+
+_KEPT: list[torch.Tensor] = []
+
+
+def fbgemm_linear(x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+    """``x @ (q * scale).T`` in fp32 through FBGEMM, as [rows, out]. The kernel quantizes
+    its whole input with one scale, so several rows are each divided by their largest
+    magnitude first and their outputs multiplied back: each row is rounded on its own
+    range, whatever else shares the batch (a lone row, a decoding step's case, skips the
+    two ops)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rows.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(rows, packed, True)
+    peak = rows.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    return torch.ops.quantized.linear_dynamic(rows / peak, packed, True) * peak
+
+
+# Two opaque ops a compiled step calls instead of the untraceable packed object (defining
+# them costs milliseconds and imports no compiler): ``fbgemm_linear(x, q, scale)`` and
+# ``fbgemm_gathered(x, experts, q, scale)``, row i through expert ``experts[i]``'s slice
+# of the [E, out, in] ``q`` (reading the ids is a host sync inside the op).
+@torch.library.custom_op("deepseek_mini::fbgemm_linear", mutates_args=())
+def fbgemm_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return fbgemm_linear(x, _registered(q, scale)).view(*x.shape[:-1], q.shape[0])
+
+
+@fbgemm_linear_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(*x.shape[:-1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("deepseek_mini::fbgemm_gathered", mutates_args=())
+def fbgemm_gathered_op(x: torch.Tensor, experts: torch.Tensor, q: torch.Tensor,
+                       scale: torch.Tensor) -> torch.Tensor:
+    rows = [fbgemm_linear(x[i:i + 1], _registered(q[e], scale[e]))
+            for i, e in enumerate(experts.tolist())]
+    return torch.cat(rows) if rows else x.new_empty(0, q.shape[1])
+
+
+@fbgemm_gathered_op.register_fake
+def _(x, experts, q, scale):
+    return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                packed: torch.ScriptObject | None = None) -> torch.Tensor:
     """``x @ (q * scale).T`` for ``x`` [..., in], ``q`` int8 [out, in], ``scale`` bf16
-    [out]: the int8 kernel (bf16 in, bf16 out) for a few rows, a cast + bf16 GEMM for
-    many. A width the kernel gets wrong is one of the latent's small up-projections: cast
-    to fp32, since a bf16 GEMM of that size costs 3x fp32's in per-call overhead."""
+    [out]: through FBGEMM's ``packed`` copy when given (fp32 out), else the int8pack kernel
+    (bf16 in, bf16 out) for a few rows and a cast + bf16 GEMM for many. A width the
+    int8pack kernel gets wrong casts to fp32, since a bf16 GEMM of that size costs 3x
+    fp32's in per-call overhead."""
+    if packed is not None:
+        if torch.compiler.is_compiling():
+            return fbgemm_linear_op(x.float(), q, scale)
+        return fbgemm_linear(x, packed).view(*x.shape[:-1], q.shape[0])
     rows = x.reshape(-1, x.shape[-1])
     if q.shape[-1] % KERNEL_WIDTH:
         out = F.linear(rows.float(), q.float()) * scale.float()
@@ -88,22 +191,33 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return out.view(*x.shape[:-1], q.shape[0])
 
 
-class Int8Linear(nn.Module):
-    """A bias-free ``nn.Linear`` with int8 weights [out, in] and bf16 scales [out]."""
+def check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise UserError(f"unknown int8 kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise UserError("the fbgemm int8 kernel is not built into this PyTorch: use int8pack")
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+
+class Int8Linear(nn.Module):
+    """A bias-free ``nn.Linear`` with int8 weights [out, in] and bf16 scales [out], run by
+    ``kernel`` (module docstring; FBGEMM's packed copy is made once, here)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str = KERNEL) -> None:
         super().__init__()
+        check_kernel(kernel)
+        self.kernel = kernel
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
-        # A width the int8 kernel cannot take (one of the latent's small up-projections)
-        # multiplies in fp32 anyway: its dequantized weight is made once here, not cast
-        # from ``q`` at every call.
+        self.packed = fbgemm_pack(q, scale) if kernel == "fbgemm" else None
+        # A width the int8pack kernel cannot take (one of the latent's small
+        # up-projections) multiplies in fp32 anyway: its dequantized weight is made once
+        # here, not cast from ``q`` at every call.
         self.register_buffer("weight32", q.float() * scale.float()[:, None]
-                             if q.shape[-1] % KERNEL_WIDTH else None)
+                             if kernel == "int8pack" and q.shape[-1] % KERNEL_WIDTH else None)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> Int8Linear:
-        return cls(*quantize_rows(weight))
+    def from_weight(cls, weight: torch.Tensor, kernel: str = KERNEL) -> Int8Linear:
+        return cls(*quantize_rows(weight), kernel)
 
     @property
     def in_features(self) -> int:
@@ -116,7 +230,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight32 is not None:
             return F.linear(x.float(), self.weight32).to(x.dtype)
-        return int8_linear(x, self.q, self.scale).to(x.dtype)
+        return int8_linear(x, self.q, self.scale, self.packed).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
@@ -162,14 +276,19 @@ class Int8Experts(nn.Module):
     """``RoutedExperts`` with each projection as int8 [experts, out, in] and bf16 scales
     [experts, out]; the same two entry points (sorted rows with counts, or gathered)."""
 
-    def __init__(self, experts: RoutedExperts) -> None:
+    def __init__(self, experts: RoutedExperts, kernel: str = KERNEL) -> None:
         super().__init__()
+        check_kernel(kernel)
         self.has_gate = experts.w_gate is not None
+        self.compute = torch.float32 if kernel == "fbgemm" else COMPUTE
+        self.packed: dict[str, list[torch.ScriptObject | None]] = {}
         for name in ("w_up", "w_gate", "w_down"):
             weight = getattr(experts, name)  # [experts, in, out]
             q = scale = None
             if weight is not None:
                 q, scale = quantize_rows(weight.transpose(1, 2))
+                self.packed[name] = [fbgemm_pack(*pair, owner=q) if kernel == "fbgemm"
+                                     else None for pair in zip(q, scale, strict=True)]
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
 
@@ -180,32 +299,38 @@ class Int8Experts(nn.Module):
         k int8 products with no sort, count or split over all experts (a batch-1 decode
         step's MoE; reading the k ids is its one host sync, as the counts are the
         grouped path's)."""
-        rows = x.to(COMPUTE)
+        rows = x.to(self.compute)
         return torch.cat([self._expert(rows, e) for e in experts.tolist()]).to(x.dtype)
 
+    def _product(self, rows: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return int8_linear(rows, getattr(self, f"{name}_q")[e],
+                           getattr(self, f"{name}_scale")[e], self.packed[name][e])
+
     def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        gate = (int8_linear(rows, self.w_gate_q[e], self.w_gate_scale[e])
-                if self.has_gate else None)
-        hidden = activate(int8_linear(rows, self.w_up_q[e], self.w_up_scale[e]), gate)
-        return int8_linear(hidden, self.w_down_q[e], self.w_down_scale[e])
+        gate = self._product(rows, "w_gate", e) if self.has_gate else None
+        return self._product(activate(self._product(rows, "w_up", e), gate), "w_down", e)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e: one pass per
         expert that has rows (reading the counts is this path's one host sync)."""
-        chunks = x.to(COMPUTE).split(counts.tolist())
+        chunks = x.to(self.compute).split(counts.tolist())
         outs = [self._expert(rows, e) for e, rows in enumerate(chunks) if rows.shape[0]]
         return torch.cat(outs).to(x.dtype) if outs else x.new_empty(x.shape)
 
     def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Row ``i`` of ``x`` through expert ``experts[i]``: batched products over the
-        chosen experts' int8 weights, gathered by index (never all experts'), the scale
-        applied to the products."""
+        """Row ``i`` of ``x`` through expert ``experts[i]`` (a compiled step's few slots):
+        with FBGEMM, one opaque op per projection running each slot's packed expert;
+        otherwise batched products over the chosen experts' int8 weights, gathered by index
+        (never all experts') and cast, the scale applied to the products."""
         def product(rows: torch.Tensor, name: str) -> torch.Tensor:
+            if self.compute == torch.float32:  # fbgemm: the chosen experts' packed weights
+                return fbgemm_gathered_op(rows, experts, getattr(self, f"{name}_q"),
+                                          getattr(self, f"{name}_scale"))
             q = getattr(self, f"{name}_q")[experts]           # [S, out, in] int8
-            out = torch.bmm(q.to(COMPUTE), rows.unsqueeze(-1)).squeeze(-1)
+            out = torch.bmm(q.to(self.compute), rows.unsqueeze(-1)).squeeze(-1)
             return out * getattr(self, f"{name}_scale")[experts]
 
-        rows = x.to(COMPUTE)
+        rows = x.to(self.compute)
         gate = product(rows, "w_gate") if self.has_gate else None
         return product(activate(product(rows, "w_up"), gate), "w_down").to(x.dtype)
 
@@ -250,7 +375,7 @@ class QuantizedTrimmedHead(nn.Module):
     cross_entropy = TrimmedHead.cross_entropy
 
 
-def _trimmed_head(model: nn.Module, mode: str) -> QuantizedTrimmedHead:
+def _trimmed_head(model: nn.Module, mode: str, kernel: str) -> QuantizedTrimmedHead:
     """The trimmed head's rows from the already quantized LM head (so a tied table is
     quantized once) and its "other" vector quantized on its own, as one layer."""
     head, lm_head = model.head, model.lm_head
@@ -260,18 +385,18 @@ def _trimmed_head(model: nn.Module, mode: str) -> QuantizedTrimmedHead:
         if other is not None:
             parts.append(quantize_rows(other))
         rows = Int8Linear(torch.cat([q for q, _ in parts]).contiguous(),
-                          torch.cat([s for _, s in parts]))
+                          torch.cat([s for _, s in parts]), kernel)
     else:
         kept = lm_head.weight[head.ids]
         rows = Bf16Linear(kept if other is None else torch.cat([kept, other.to(COMPUTE)]))
     return QuantizedTrimmedHead(head, rows)
 
 
-def _linear(weight: torch.Tensor, mode: str) -> nn.Module:
-    return Int8Linear.from_weight(weight) if mode == "int8" else Bf16Linear(weight)
+def _linear(weight: torch.Tensor, mode: str, kernel: str) -> nn.Module:
+    return Int8Linear.from_weight(weight, kernel) if mode == "int8" else Bf16Linear(weight)
 
 
-def _embedding_and_head(model: nn.Module, mode: str) -> None:
+def _embedding_and_head(model: nn.Module, mode: str, kernel: str) -> None:
     """The embedding and LM head; tied, they share one quantized table."""
     weight = model.embed.weight
     dtype = weight.dtype
@@ -279,7 +404,8 @@ def _embedding_and_head(model: nn.Module, mode: str) -> None:
     if mode == "int8":
         q, scale = quantize_rows(weight)
         model.embed = QuantizedEmbedding(q, scale, dtype)
-        model.lm_head = Int8Linear(q, scale) if tied else _linear(model.lm_head.weight, mode)
+        model.lm_head = (Int8Linear(q, scale, kernel) if tied
+                         else _linear(model.lm_head.weight, mode, kernel))
     else:
         table = weight.detach().to(COMPUTE).contiguous()
         model.embed = QuantizedEmbedding(table, None, dtype)
@@ -290,23 +416,26 @@ def _embedding_and_head(model: nn.Module, mode: str) -> None:
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, mode: str) -> nn.Module:
+def quantize(model: nn.Module, mode: str, kernel: str | None = None) -> nn.Module:
     """Quantize a ``DeepSeekMini`` for decoding, in place, and return it: ``"int8"``
-    (weight-only, per output channel) or ``"bf16"`` weights, as the module docstring says.
-    The model can then generate, serve and be evaluated, but not trained."""
+    (per output channel, run by ``kernel``, default this CPU's ``KERNEL``) or ``"bf16"``
+    weights, as the module docstring says. The model can then generate, serve and be
+    evaluated, but not trained."""
     check_mode(mode)
+    kernel = KERNEL if kernel is None else kernel
+    check_kernel(kernel)
     check_device(model.device, mode)
     if getattr(model, "quantization", None) is not None:
         raise UserError(f"the model is already quantized ({model.quantization})")
-    _embedding_and_head(model, mode)
+    _embedding_and_head(model, mode, kernel)
     if model.head is not None:
-        model.head = _trimmed_head(model, mode)
+        model.head = _trimmed_head(model, mode, kernel)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(parent, name, _linear(child.weight, mode))
+                setattr(parent, name, _linear(child.weight, mode, kernel))
             elif isinstance(child, RoutedExperts):
-                setattr(parent, name, Int8Experts(child) if mode == "int8"
+                setattr(parent, name, Int8Experts(child, kernel) if mode == "int8"
                         else Bf16Experts(child))
     model.quantization = mode
     return model
