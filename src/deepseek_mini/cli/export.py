@@ -33,7 +33,13 @@ def _gguf(args: argparse.Namespace) -> None:
           f"({result.tensors} tensors, {result.bytes / 2**20:.1f} MiB)")
     if result.kept_f16:
         print(f"  {len(result.kept_f16)} tensors kept in f16: their rows are not whole "
-              f"q8_0 blocks of 32 ({', '.join(result.kept_f16[:3])}"
-              f"{', ...' if len(result.kept_f16) > 3 else ''})")
+              f"q8_0 blocks of 32, or just one ({_some(result.kept_f16)})")
+    if result.kept_f32:
+        print(f"  {len(result.kept_f32)} per-head attention tensors kept in f32, which "
+              f"llama.cpp's AMX path cannot run in {result.dtype} ({_some(result.kept_f32)})")
     if result.left_out:
         print(f"  left out: {result.left_out} (llama.cpp decodes with the main model)")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

@@ -117,13 +117,30 @@ def _merged(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+# llama.cpp multiplies these per head, as 3-D weights, by a permuted (non-contiguous) view
+# of the query or of the attention output. On Intel Xeons with AMX its CPU backend puts
+# every f16 or q8_0 weight whose shapes fit its tiles into its AMX buffer, probing with a
+# contiguous input at load; the AMX kernels take only contiguous inputs, and a weight in
+# that buffer has no other backend, so decoding aborts ("GGML_ASSERT(*cur_backend_id !=
+# -1)"; of a 3-D q8_0 weight it would also pack the first head only). f32 never goes there.
+PER_HEAD = ("attn_k_b.weight", "attn_v_b.weight")
+AMX_TYPES = ("f16", "q8_0")  # the --dtype values whose tensors llama.cpp's AMX buffer takes
+Q8_BLOCK = 32
+
+
 def storage_type(name: str, array: np.ndarray, dtype: str) -> gguf.GGMLQuantizationType:
     """How one tensor is stored at ``--dtype``: vectors (norms, the router's bias) and the
-    router stay f32, as llama.cpp's converter keeps them and our router computes; q8_0
-    blocks are 32 values of a row, so a row of another length falls back to f16, again as
-    the converter does."""
+    router stay f32, as llama.cpp's converter keeps them and our router computes; the
+    per-head attention weights stay f32 in the types llama.cpp's AMX buffer would take
+    (``PER_HEAD``). q8_0 blocks are 32 values of a row, so a row of another length falls
+    back to f16, again as the converter does; so does a row of exactly one block, which
+    llama.cpp's AMX int8 kernel gets wrong in batches of 32 rows (the block's products are
+    added to an output it never cleared: garbage or NaN logits in a prompt of 32 tokens or
+    more), while f16 runs there through a float kernel."""
     if array.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
         return gguf.GGMLQuantizationType.F32
-    if dtype == "q8_0" and array.shape[-1] % 32:
+    if dtype in AMX_TYPES and name.endswith(PER_HEAD):
+        return gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0" and (array.shape[-1] % Q8_BLOCK or array.shape[-1] == Q8_BLOCK):
         return gguf.GGMLQuantizationType.F16
     return QTYPES[dtype]
