@@ -104,11 +104,7 @@ def test_grouped_matmul_matches_a_loop_over_experts_forward_and_backward(counts,
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
-@pytest.mark.parametrize("group_bytes", [1 << 28, 1])  # one group; a group per chunk
-def test_chunked_cross_entropy_matches_full_logits(chunk_rows, group_bytes, monkeypatch):
-    """The logit gradients kept a group of rows at a time, and rows with ignored targets
-    left out of both gradient products, give full-logits cross-entropy's gradients."""
-    monkeypatch.setattr(loss_module, "GRADIENT_GROUP_BYTES", group_bytes)
+def test_chunked_cross_entropy_matches_full_logits(chunk_rows):
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)

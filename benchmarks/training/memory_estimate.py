@@ -28,7 +28,7 @@ import dataclasses
 import torch
 
 from deepseek_mini import Config, DeepSeekMini
-from deepseek_mini.model.loss import CHUNK_ROWS, GRADIENT_GROUP_BYTES
+from deepseek_mini.model.loss import CHUNK_ROWS
 from deepseek_mini.model.sizes import total_params
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -70,16 +70,14 @@ def estimate(cfg: Config, precision: str, overhead_gb: float) -> dict[str, float
     sequences = cfg.train.micro_batch_size
     tokens = sequences * cfg.data.seq_len
     head_grad = m.vocab_size * m.hidden_size * 4
-    # One chunk's logits, and the logit gradients kept for a group of rows (loss.py).
-    group_rows = max(1, GRADIENT_GROUP_BYTES // (m.vocab_size * 4) // CHUNK_ROWS) * CHUNK_ROWS
-    chunk = (min(CHUNK_ROWS, tokens) + min(group_rows, tokens)) * m.vocab_size * 4
+    chunk = 2 * min(CHUNK_ROWS, tokens) * m.vocab_size * 4
     gb = 1e9
     parts = {
         "parameters + grads + AdamW (fp32)": 16 * total_params(m) / gb,
         "16-bit weight copies kept for backward": m.num_layers * fixed / gb,
         f"activations kept for backward ({m.num_layers} layers)":
             m.num_layers * per_sequence * sequences / gb,
-        "LM head: weight grad, one CE chunk, kept logit grads": (head_grad + chunk) / gb,
+        "LM head: weight grad + one CE chunk": (head_grad + chunk) / gb,
         "context, workspaces, allocator slack": overhead_gb,
     }
     parts["total"] = sum(parts.values())

@@ -1,13 +1,12 @@
-"""Cross-entropy through the LM head, its gradients worked out in the forward.
+"""Cross-entropy through the LM head without the ``[tokens, vocab]`` logits tensor.
 
 With a 49k vocabulary the logits of one 8 × 128 batch are 200 MB in fp32, and the usual
 ``F.cross_entropy(head(x))`` keeps them, their log-softmax and then their gradient: passes
 over memory that cost more than anything but the matmuls. Here the rows are taken a
-chunk at a time: logits of the chunk, their log-softmax, and, when a gradient is wanted,
-``softmax − one_hot`` in the same memory, kept for a group of rows and turned into the
-gradients of the hidden states and of the head weight by one product each (the loss ends
-the graph, so its own gradient is a scalar that backward only multiplies in). The matmul
-FLOPs are the usual path's; nothing is recomputed.
+chunk at a time: logits of the chunk, their log-sum-exp, and, when a gradient is wanted,
+``softmax − one_hot`` turned into the gradients of the hidden states and of the head
+weight at once (the loss ends the graph, so its own gradient is a scalar that backward
+only multiplies in). The matmul FLOPs are the usual path's; nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -17,39 +16,40 @@ from collections.abc import Callable
 import torch
 
 CHUNK_ROWS = 256
-# The logit gradients of up to this many bytes of rows are kept (fp32, or 16-bit under
-# autocast) and turned into the head's two gradients by one product each (_gradients).
+# Under autocast, the logit gradients of up to this many bytes of rows are kept (16-bit)
+# and turned into the weight's gradient by one product (see _grouped_gradients).
 GRADIENT_GROUP_BYTES = 1 << 28
 
 
 def _autocast_operands(hidden: torch.Tensor, weight: torch.Tensor | None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``hidden`` and ``weight`` in autocast's dtype when it is on: cast once per call,
-    where autocast would cast ``weight.T`` (a view, which its cast cache skips) again for
-    every chunk, a pass over the whole ``[vocab, hidden]`` weight each."""
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """``hidden`` and ``weight`` in autocast's dtype when it is on, and whether it is: cast
+    once per call, where autocast would cast ``weight.T`` (a view, which its cast cache
+    skips) again for every chunk, a pass over the whole ``[vocab, hidden]`` weight each."""
     device = hidden.device.type
     if not torch.is_autocast_enabled(device):
-        return hidden, weight
+        return hidden, weight, False
     dtype = torch.get_autocast_dtype(device)
-    return hidden.to(dtype), None if weight is None else weight.to(dtype)
+    return hidden.to(dtype), None if weight is None else weight.to(dtype), True
 
 
-def _log_probs(h: torch.Tensor, weight: torch.Tensor | None,
-               head: Callable[[torch.Tensor], torch.Tensor] | None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """The chunk's log-softmax over the vocabulary, fp32 (in ``out`` if given).
-
-    One fused kernel that works a row at a time (a row of 49k logits stays in the core's
-    cache for its max, its sum of exponentials and its output): one pass over memory
-    where a log-sum-exp by hand took five, and torch.logsumexp seven."""
-    logits = h @ weight.T if head is None else head(h)
-    if logits.dtype != torch.float32:
-        logits = logits.float()
-    return torch.log_softmax(logits, dim=-1, out=out)
-
-
-def _summed_ce(log_probs: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return -(log_probs.gather(1, t) * keep).sum()
+def _chunk(h: torch.Tensor, weight: torch.Tensor | None,
+           head: Callable[[torch.Tensor], torch.Tensor] | None, t: torch.Tensor,
+           keep: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed CE of one chunk's rows and, with ``want_grad``, d(ce)/d(logits) (fp32)."""
+    logits = (h @ weight.T if head is None else head(h)).float()
+    picked = logits.gather(1, t)
+    # log-sum-exp by hand, in the logits' own memory: four passes where
+    # torch.logsumexp and a second exp took seven, with temporaries.
+    peak = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(peak).exp_()
+    norm = exp.sum(dim=-1, keepdim=True)
+    loss = ((norm.log() + peak - picked) * keep).sum()
+    if not want_grad:
+        return loss, None
+    # d(ce)/d(logits) = softmax - one_hot on valid rows.
+    grad = exp.div_(norm)
+    return loss, grad.scatter_add_(1, t, torch.full_like(norm, -1.0)).mul_(keep)
 
 
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor,
@@ -60,59 +60,59 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor | None, targets: torch.T
     ``head`` module, if given, makes the logits instead of ``weight`` (forward only)."""
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
-    hidden, weight = _autocast_operands(hidden, weight)
-    if want_grad:
-        total, grad_hidden, grad_weight = _gradients(hidden, weight, safe_targets, valid,
-                                                     chunk_rows)
+    hidden, weight, low_precision = _autocast_operands(hidden, weight)
+    if want_grad and low_precision:
+        total, grad_hidden, grad_weight = _grouped_gradients(hidden, weight, safe_targets,
+                                                             valid, chunk_rows)
         return total, valid.sum(), grad_hidden, grad_weight
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if want_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        total += _summed_ce(_log_probs(hidden[rows], weight, head), safe_targets[rows, None],
-                            valid[rows, None])
-    return total, valid.sum(), None, None
+        h, t, keep = hidden[rows], safe_targets[rows, None], valid[rows, None]
+        loss, grad = _chunk(h, weight, head, t, keep, want_grad)
+        total += loss
+        if grad is None:
+            continue
+        grad = grad.to(weight.dtype)
+        grad_hidden[rows] = grad @ weight
+        grad_weight.addmm_(grad.T, h)
+    return total, valid.sum(), grad_hidden, grad_weight
 
 
-def _gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-               valid: torch.Tensor, chunk_rows: int):
-    """The summed CE and the gradients of ``hidden`` and ``weight`` (in their dtype: fp32,
-    or 16-bit under autocast; the weight's fp32 when the rows took several groups).
+def _grouped_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       valid: torch.Tensor, chunk_rows: int):
+    """Under autocast (16-bit ``hidden`` and ``weight``): the summed CE and the 16-bit
+    gradients of ``hidden`` and ``weight`` (fp32 when the rows took several groups).
 
-    Each chunk's logits become its log-probabilities and then, in place, its logit
-    gradients ``softmax - one_hot``, kept for a group of rows (``GRADIENT_GROUP_BYTES``:
-    all of an 8 x 128 batch's at a 49k vocabulary, 201 MB in fp32). The group's two
-    gradient products are then one GEMM each with the group's rows as their inner
-    dimension: the ``[vocab, hidden]`` weight gradient is written once, not zero-filled
-    and then read and written again by every chunk's ``addmm_``. Rows whose target is
-    ignored keep a gradient row in the buffer; the products leave them out (their hidden
-    row is zeroed for the weight's product, their gradient row masked after the other)."""
+    Summing the weight's gradient chunk by chunk, as the fp32 path does with ``addmm_``,
+    cannot stay in place here: a 16-bit product added to an fp32 sum is first converted
+    to a temporary, two more passes over a ``[vocab, hidden]`` tensor per chunk, on top of
+    zeroing the sum. So each chunk's logit gradients are kept, 16-bit, for a group of
+    rows (``GRADIENT_GROUP_BYTES``), and the group's two gradient products are one GEMM
+    each, with the group's rows as their inner dimension."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     per_row = vocab * weight.element_size()
     group_rows = max(1, GRADIENT_GROUP_BYTES // per_row // chunk_rows) * chunk_rows
-    fp32 = weight.dtype == torch.float32
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grads = hidden.new_empty(min(rows, group_rows), vocab)
-    keep = valid[:, None]
-    counted = hidden * keep
     grad_hidden = torch.empty_like(hidden)
     grad_weight = None
     for first in range(0, rows, group_rows):
         group = slice(first, min(first + group_rows, rows))
         for start in range(group.start, group.stop, chunk_rows):
             chunk = slice(start, min(start + chunk_rows, group.stop))
-            t = targets[chunk, None]
-            kept = grads[chunk.start - first:chunk.stop - first]
-            log_probs = _log_probs(hidden[chunk], weight, None, kept if fp32 else None)
-            total += _summed_ce(log_probs, t, keep[chunk])
-            grad = log_probs.exp_().scatter_add_(1, t, log_probs.new_full(t.shape, -1.0))
-            if not fp32:
-                kept.copy_(grad)
+            loss, grad = _chunk(hidden[chunk], weight, None, targets[chunk, None],
+                                valid[chunk, None], True)
+            total += loss
+            grads[chunk.start - first:chunk.stop - first] = grad
         kept = grads[:group.stop - first]
         grad_hidden[group] = kept @ weight
-        product = kept.T @ counted[group]
+        product = kept.T @ hidden[group]
         grad_weight = (product if grad_weight is None
                        else grad_weight.float().add_(product))
-    return total, grad_hidden.mul_(keep), grad_weight
+    return total, grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
