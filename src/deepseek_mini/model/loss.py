@@ -41,10 +41,10 @@ def _chunk(h: torch.Tensor, weight: torch.Tensor | None,
     ``[rows, vocab]``, or ``[vocab, rows]`` when ``vocab_major`` (``weight @ h.T``).
 
     Vocab-major is the fp32 layout: the chunk's rows are the small side of the product,
-    and MKL's fp32 GEMM runs ``W @ h.T`` (the vocabulary as its long M side) at 70-75
-    GFLOP/s on an AVX2 EPYC where ``h @ W.T`` ran at 43 in the training step
-    (NOTES-step-speed-2.md); the reductions then run down the columns, vectorised across
-    the rows."""
+    and MKL's fp32 GEMM runs ``W @ h.T`` (the vocabulary as its long side) near the
+    model's other products where ``h @ W.T`` ran at 60-80% of their rate (profiles of the
+    base-size training step on an AVX2 EPYC); the reductions then run down the columns,
+    vectorised across the rows."""
     if vocab_major:
         logits, dim, t, keep = weight @ h.T, 0, t.T, keep.T
     else:

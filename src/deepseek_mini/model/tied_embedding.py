@@ -4,7 +4,7 @@ With tied embeddings the weight ``[vocab, hidden]`` gets two gradients: the head
 (every row scored), and the lookup's, which touches only the looked-up rows. Autograd
 builds the lookup's as a second dense ``[vocab, hidden]`` tensor (zero-filled, rows summed
 in) and then adds the two: three passes over a tensor of 28M floats at the base sizes
-(113 MB), about 1.5-4% of a CPU training step. Here the lookup also hands out the weight
+(113 MB), 1-3% of a CPU training step. Here the lookup also hands out the weight
 the head reads (an alias, no copy), so both gradients reach this one node: the lookup's
 rows are added into the head's gradient with ``index_add_``, in its own memory. The
 result is the same sum in another order (fp32 rounding; tests/test_fast_paths.py).
