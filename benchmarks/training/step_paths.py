@@ -22,6 +22,8 @@ around its step only:
 ``--hf`` adds transformers' DeepseekV3 (its own model, fused AdamW) for the ratio the
 project's goal is stated in. Each figure is the median over rounds of one step's process
 CPU time (the work itself with one torch thread); ``--json PATH`` writes them.
+
+Fills BENCHMARKS.md, section "Where the time goes".
 """
 
 from __future__ import annotations
