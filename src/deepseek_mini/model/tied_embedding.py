@@ -7,7 +7,8 @@ in) and then adds the two: three passes over a tensor of 28M floats at the base 
 (113 MB), 1-3% of a CPU training step. Here the lookup also hands out the weight
 the head reads (an alias, no copy), so both gradients reach this one node: the lookup's
 rows are added into the head's gradient with ``index_add_``, in its own memory. The
-result is the same sum in another order (fp32 rounding; tests/test_fast_paths.py).
+result is the same sum in another order (fp32 rounding; tests/test_fast_paths.py). The
+model uses it on a CPU, where ``index_add_`` adds repeated ids in a fixed order.
 """
 
 from __future__ import annotations

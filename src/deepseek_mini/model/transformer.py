@@ -245,11 +245,14 @@ class DeepSeekMini(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, targets: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tokens' embeddings and, in a training forward of a tied model, the head's
-        weight as handed out by the lookup (tied_embedding.py: the two gradients meet in
-        one buffer); otherwise None, and the head reads its own weight."""
+        """The tokens' embeddings and, in a training forward of a tied model on a CPU, the
+        head's weight as handed out by the lookup (tied_embedding.py: the two gradients
+        meet in one buffer); otherwise None, and the head reads its own weight. CPU only:
+        there ``index_add_`` adds repeated ids in order, where CUDA's atomics would make
+        the sum's rounding differ from run to run."""
         weight = getattr(self.embed, "weight", None)
-        tied = (targets is not None and torch.is_grad_enabled()
+        tied = (targets is not None and torch.is_grad_enabled() and weight is not None
+                and weight.device.type == "cpu"
                 and isinstance(self.embed, nn.Embedding) and isinstance(self.lm_head, nn.Linear)
                 and self.lm_head.weight is weight and weight.requires_grad)
         if not tied:
