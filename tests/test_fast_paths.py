@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.inference.generate import generate
 from deepseek_mini.model import loss as loss_module
+from deepseek_mini.model import transformer as transformer_module
 from deepseek_mini.model.loss import linear_cross_entropy
 from deepseek_mini.model.moe import grouped_matmul
 from deepseek_mini.model.transformer import compile_model
@@ -196,6 +197,54 @@ def test_chunked_cross_entropy_under_bf16_autocast_matches_full_logits(
     for ours, reference in zip(fast_grads, exact_grads, strict=True):
         torch.testing.assert_close(ours, reference, rtol=0.0,
                                    atol=8 * eps * reference.abs().max())
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.head_vocab=64",), ("model.mtp_depth=1",)])
+def test_tied_embedding_gradient_in_one_buffer_matches_autograds_two(overrides, monkeypatch):
+    """The tied lookup adds the looked-up rows' gradient into the head's (tied_embedding.py)
+    instead of autograd's second dense tensor: the same sums in another order, so the
+    embedding's gradient within fp32 rounding and every other gradient bitwise, over two
+    accumulated backward passes (micro-batches) and a trimmed or MTP head."""
+    torch.manual_seed(0)
+    model = DeepSeekMini(small_config(*overrides))
+    batches = [(torch.randint(0, 256, (3, 24)), torch.randint(0, 256, (3, 24))) for _ in "ab"]
+    batches[0][1][0, :5] = -100
+    calls = []
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for ids, targets in batches:
+            model(ids, targets=targets).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()
+                if p.grad is not None}
+
+    def counted(weight, ids):
+        calls.append(ids)
+        return tied(weight, ids)
+
+    tied = transformer_module.tied_lookup
+    monkeypatch.setattr(transformer_module, "tied_lookup", counted)
+    fast = grads()
+    assert len(calls) == 2
+    monkeypatch.setattr(transformer_module, "tied_lookup",
+                        lambda weight, ids: (F.embedding(ids, weight), None))
+    plain = grads()
+    assert fast.keys() == plain.keys()
+    for name, grad in fast.items():
+        if name == "embed.weight":
+            torch.testing.assert_close(grad, plain[name], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(grad, plain[name]), name
+
+
+def test_tied_lookup_without_a_head_gradient_is_the_embeddings():
+    weight = torch.randn(10, 4, requires_grad=True)
+    ids = torch.tensor([[1, 3, 3], [0, 9, 1]])
+    rows, _ = transformer_module.tied_lookup(weight, ids)
+    (grad,) = torch.autograd.grad((rows * torch.arange(24.0).view(2, 3, 4)).sum(), weight)
+    (expected,) = torch.autograd.grad(
+        (F.embedding(ids, weight) * torch.arange(24.0).view(2, 3, 4)).sum(), weight)
+    assert torch.equal(grad, expected)
 
 
 def test_fused_adamw_matches_the_per_tensor_loop():

@@ -283,6 +283,29 @@ def test_fp32_newton_schulz_is_torchs_iteration_closer_to_exact_than_bf16(shape)
         assert fp32_error < (bf16.double() - exact).abs().max().item() / 10
 
 
+def test_fp32_muon_batches_a_matrix_with_the_transposed_shape_as_it_runs_each_alone():
+    """Up [inner, hidden] and down [hidden, inner] matrices share one batched
+    Newton-Schulz (the tall one transposed): each comes out as it does on its own."""
+    from deepseek_mini.train.muon import Fp32NewtonSchulzMuon
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 48), (48, 16), (24, 24)]
+    together = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"}
+    batched = Fp32NewtonSchulzMuon(together, **settings)
+    single = [Fp32NewtonSchulzMuon([p], **settings) for p in alone]
+    for _ in range(2):
+        for p, q in zip(together, alone, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        batched.step()
+        for optimizer in single:
+            optimizer.step()
+    for p, q in zip(together, alone, strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("extra", [[], ["model.expert_activation=swiglu",
                                         "model.first_k_dense=1"]])
 def test_fp32_newton_schulz_muon_steps_as_torchs_muon_within_bf16_rounding(extra):

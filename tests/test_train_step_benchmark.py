@@ -25,3 +25,36 @@ def test_train_step_benchmark_quick_reports_rates_peak_share_and_moe_ratio(tmp_p
         assert row["tokens_per_s"] > 0 and row["tokens_per_cpu_s"] > 0
         assert row["share_of_peak"] > 0 and row["model_gflops_per_cpu_s"] > 0
     assert result["ratios"]["ours-moe-fp32 / dense"] > 0
+
+
+def test_step_paths_benchmark_quick_times_every_variant_against_now(tmp_path):
+    """benchmarks/training/step_paths.py --quick: each fast path swapped back, and every
+    swap restored after its step (the module attributes are the fast ones again)."""
+    out = tmp_path / "paths.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns"
+    done = subprocess.run([sys.executable, "benchmarks/training/step_paths.py", "--quick",
+                           "--variants", variants, "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_cpu_s"]) == set(variants.split(","))
+    assert all(rate > 0 for rate in result["tokens_per_cpu_s"].values())
+    assert set(result["now_speedup_over"]) == set(variants.split(",")) - {"now"}
+
+
+def test_step_paths_patches_are_restored():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
+    try:
+        import step_paths
+    finally:
+        sys.path.pop(0)
+    from deepseek_mini.model import loss, transformer
+    from deepseek_mini.train import muon
+
+    originals = (loss._chunked, transformer.tied_lookup, muon._by_gram_shape)
+    with step_paths.patched("before"):
+        assert loss._chunked is not originals[0]
+        assert transformer.tied_lookup is not originals[1]
+        assert muon._by_gram_shape is not originals[2]
+    assert (loss._chunked, transformer.tied_lookup, muon._by_gram_shape) == originals

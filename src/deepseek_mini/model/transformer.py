@@ -36,6 +36,7 @@ from .norm import RMSNorm
 from .rope import rope_tables
 from .router import sigmoid_routers
 from .sizes import model_memory
+from .tied_embedding import tied_lookup
 
 
 @dataclass
@@ -209,7 +210,7 @@ class DeepSeekMini(nn.Module):
         # Router statistics cost a dozen small ops per layer: generation (a cache, no
         # targets) goes without them.
         with_stats = cache is None or targets is not None
-        x = self.embed(input_ids)
+        x, tied_head = self._embed(input_ids, targets)
         stats = []
         for layer in self.layers:
             x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
@@ -225,7 +226,8 @@ class DeepSeekMini(nn.Module):
         if with_stats:
             out.expert_counts, out.router_entropy = self._router_stats(stats, x)
         if targets is not None:
-            weight = self._head_weight()  # gathered once for the model and its MTP modules
+            # gathered once for the model and its MTP modules
+            weight = self._head_weight(tied_head)
             out.ce = self._head_ce(x.flatten(0, 1), weight, targets.flatten())
             if mtp and len(self.mtp):
                 out.mtp_ce, mtp_stats = self._mtp_loss(trunk, input_ids, targets, positions,
@@ -250,14 +252,33 @@ class DeepSeekMini(nn.Module):
         return (torch.stack([s.expert_counts for s in stats]),
                 torch.stack([s.router_entropy for s in stats]))
 
-    def _head_weight(self) -> Rows | None:
-        """The rows the head scores: the full head's [V, h], or the trimmed head's. A
-        quantized model (quantize.py) has no float weight: None for a full head, which
-        scores through its own module, and a trimmed head's quantized rows (a module)."""
+    def _embed(self, input_ids: torch.Tensor, targets: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens' embeddings and, in a training forward of a tied model on a CPU, the
+        head's weight as handed out by the lookup (tied_embedding.py: the two gradients
+        meet in one buffer); otherwise None, and the head reads its own weight. CPU only:
+        there ``index_add_`` adds repeated ids in order, where CUDA's atomics would make
+        the sum's rounding differ from run to run."""
+        weight = getattr(self.embed, "weight", None)
+        tied = (targets is not None and torch.is_grad_enabled() and weight is not None
+                and weight.device.type == "cpu"
+                and isinstance(self.embed, nn.Embedding) and isinstance(self.lm_head, nn.Linear)
+                and self.lm_head.weight is weight and weight.requires_grad)
+        if not tied:
+            return self.embed(input_ids), None
+        return tied_lookup(weight, input_ids)
+
+    def _head_weight(self, full: torch.Tensor | None = None) -> Rows | None:
+        """The rows the head scores: the full head's [V, h] (``full``, else the head's
+        own weight), or the trimmed head's. A quantized model (quantize.py) has no float
+        weight: None for a full head, which scores through its own module, and a trimmed
+        head's quantized rows (a module)."""
         quantized = not isinstance(self.lm_head, nn.Linear)
+        if full is None and not quantized:
+            full = self.lm_head.weight
         if self.head is None:
-            return None if quantized else self.lm_head.weight
-        return self.head.weight(None if quantized else self.lm_head.weight)
+            return full
+        return self.head.weight(full)
 
     def _head_ce(self, hidden: torch.Tensor, weight: Rows | None,
                  targets: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ which the momentum update then leaves as it was, and its weights restored from a
 instructions (AVX2 only) that product is emulated, 20-40x slower than fp32, and was ~80%
 of a CPU-hour step. ``train.muon_ns_precision`` (``auto``: bf16 where the device computes
 it natively, else fp32) picks it; fp32 runs the same iteration (torch's coefficients,
-order and normalisation) in fp32, the matrices of one shape as one batched product. That
-is a different rounding from torch's bf16, not a different update: fp32 is the closer of
-the two to the exact iteration (tests/test_muon.py holds both to an fp64 reference).
+order and normalisation) in fp32, the matrices of one shape (or its transpose) as one
+batched product. That is a different rounding from torch's bf16, not a different update:
+fp32 is the closer of the two to the exact iteration (tests/test_muon.py holds both to an
+fp64 reference).
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> floa
 
 
 class Fp32NewtonSchulzMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` whose Newton-Schulz runs in fp32, batched per shape; the
-    momentum, Nesterov, weight decay and lr adjustment are torch's own steps."""
+    """``torch.optim.Muon`` whose Newton-Schulz runs in fp32, batched per shape (a tall
+    matrix as its transpose); the momentum, Nesterov, weight decay and lr adjustment are
+    torch's own steps."""
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -108,19 +110,41 @@ class Fp32NewtonSchulzMuon(torch.optim.Muon):
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = (torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"]
                        else bufs)
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, p in enumerate(params):
-                by_shape.setdefault(tuple(p.shape), []).append(i)
             lr, decay = group["lr"], group["weight_decay"]
-            for shape, members in by_shape.items():
-                stacked = torch.stack([updates[i].float() for i in members])
-                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"],
-                                      group["eps"])
-                targets = [params[i] for i in members]
-                torch._foreach_mul_(targets, 1 - lr * decay)
-                torch._foreach_add_(targets, list(ortho.to(targets[0].dtype).unbind(0)),
-                                    alpha=-_adjusted_lr(lr, group["adjust_lr_fn"],
-                                                        torch.Size(shape)))
+            for members in _by_gram_shape(params).values():
+                ortho = newton_schulz(
+                    torch.stack([_wide(updates[i].float()) for i in members]),
+                    group["ns_coefficients"], group["ns_steps"], group["eps"])
+                by_shape: dict[torch.Size, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+                for i, update in zip(members, ortho.unbind(0), strict=True):
+                    targets, results = by_shape.setdefault(params[i].shape, ([], []))
+                    targets.append(params[i])
+                    results.append(update.mT if _tall(params[i]) else update)
+                for shape, (targets, results) in by_shape.items():
+                    torch._foreach_mul_(targets, 1 - lr * decay)
+                    torch._foreach_add_(targets, [r.to(targets[0].dtype) for r in results],
+                                        alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], shape))
+
+
+def _tall(matrix: torch.Tensor) -> bool:
+    """More rows than columns: Newton-Schulz iterates on its transpose."""
+    return matrix.shape[-2] > matrix.shape[-1]
+
+
+def _wide(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix``, transposed if tall: the orientation Newton-Schulz iterates in."""
+    return matrix.mT if _tall(matrix) else matrix
+
+
+def _by_gram_shape(params: list[torch.Tensor]) -> dict[tuple[int, int], list[int]]:
+    """The indices of ``params`` grouped by the shape Newton-Schulz iterates in (a tall
+    matrix transposed): an MoE's up ``[inner, hidden]`` and down ``[hidden, inner]``
+    experts become one batched product of twice the matrices (about 10% faster than two
+    on an AVX2 EPYC; each matrix's result as when run alone, tests/test_muon.py)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((min(p.shape), max(p.shape)), []).append(i)
+    return groups
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
