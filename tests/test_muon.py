@@ -80,6 +80,17 @@ def test_muon_and_adamw_cover_every_trainable_parameter_once(extra):
                if n.endswith(("proj.weight", "up.weight", "down.weight", "w_up", "w_down")))
 
 
+def test_muon_experts_false_gives_the_stacked_expert_weights_to_adamw():
+    cfg = small("train.muon_experts=false")
+    model = DeepSeekMini(cfg.model)
+    adamw, muon = owners(model, build_optimizer(model, cfg.train))
+    stacked = [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert stacked and all(n in adamw and n not in muon for n in stacked)
+    assert sorted(adamw + muon) == sorted(n for n, _ in model.named_parameters())
+    default_adamw, default_muon = owners(model, build_optimizer(model, small().train))
+    assert set(muon) == set(default_muon) - set(stacked)  # the dense matrices stay on Muon
+
+
 def test_trainable_mtp_gives_muon_only_the_mtp_matrices():
     cfg = small("model.mtp_depth=1", "train.trainable=mtp")
     model = DeepSeekMini(cfg.model)

@@ -1,7 +1,8 @@
 """A training recipe against a CPU budget: held-out CE against CPU-seconds, and a plot.
 
     python benchmarks/quality/cpu_hour.py run --config configs/cpu-hour.yaml \\
-        --data ../shared/data/tinystories/train.txt --out bench/cpu-hour [--set K=V]...
+        --data ../shared/data/tinystories/train.txt [more.txt ...] --out bench/cpu-hour \\
+        [--set K=V]...
     python benchmarks/quality/cpu_hour.py plot bench/*/result.json --out curves.png
     python benchmarks/quality/cpu_hour.py table bench/*/result.json
     python benchmarks/quality/cpu_hour.py reference --data ... --out bench/smollm2  # SmolLM2's CE
@@ -138,9 +139,13 @@ def curve(metrics: Path) -> list[dict]:
             for r in rows if "val_ce" in r]
 
 
+def data_files(paths: list[str]) -> str:
+    """The ``data.files`` override for one or more text files, as absolute paths."""
+    return f"data.files=[{','.join(str(Path(p).resolve()) for p in paths)}]"
+
+
 def train_argv(args: argparse.Namespace, out: Path, extra: list[str]) -> list[str]:
-    data = Path(args.data).resolve()
-    overrides = ["data.source=files", f"data.files=[{data}]",
+    overrides = ["data.source=files", data_files(args.data),
                  f"data.cache_dir={out / 'cache'}", f"train.out_dir={out / 'run'}",
                  *args.set, *extra]
     if args.threads is not None:
@@ -228,10 +233,9 @@ def reference(args: argparse.Namespace) -> None:
     held-out documents: what a recipe's CE is compared with."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data).resolve()
     cache = out / "cache"
     argv = [sys.executable, "-m", "deepseek_mini", "prepare", "--config", args.config,
-            "--set", "data.source=files", "--set", f"data.files=[{data}]",
+            "--set", "data.source=files", "--set", data_files(args.data),
             "--set", f"data.cache_dir={cache}", *sum((["--set", s] for s in args.set), [])]
     subprocess.run(argv, check=True, env=child_env(args.threads), cwd=ROOT,
                    capture_output=True)
@@ -294,7 +298,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="train a recipe and score it held out")
     p.add_argument("--config", required=True)
-    p.add_argument("--data", required=True, help="a TinyStories-style .txt file")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="TinyStories-style .txt files, read together")
     p.add_argument("--out", required=True, help="a folder for this run's files")
     p.add_argument("--label")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -307,7 +312,7 @@ def main() -> None:
     p.set_defaults(func=run)
     p = sub.add_parser("reference", help="SmolLM2's CE on the same held-out documents")
     p.add_argument("--config", default="configs/cpu-hour.yaml")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, nargs="+")
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--threads", type=int)

@@ -208,6 +208,9 @@ class TrainConfig:
     # Newton-Schulz's number format: auto (bf16 where the device has it natively, as
     # torch.optim.Muon does; fp32 on a CPU without bf16 instructions) | bf16 | fp32
     muon_ns_precision: str = "auto"
+    # Muon for the routed experts' stacked weights too (true), or AdamW for them (false):
+    # Newton-Schulz runs once per expert, so its cost follows total, not active, parameters
+    muon_experts: bool = True
     schedule: str = "cosine"  # cosine | wsd (warm-up, stable, decay)
     decay_fraction: float = 0.2  # wsd: the share of the schedule's steps spent decaying
 

@@ -44,6 +44,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(_adamw_groups(params, cfg.weight_decay), lr=cfg.lr,
                                  betas=betas, fused=True)
     matrices, experts, rest = muon_split(model)
+    if not cfg.muon_experts:  # AdamW for the experts: no per-expert Newton-Schulz
+        rest, experts = rest + experts, []
     return MuonWithAdamW(matrices, experts, _adamw_groups(rest, cfg.weight_decay), lr=cfg.lr,
                          betas=betas, muon_lr=cfg.muon_base_lr, weight_decay=cfg.weight_decay,
                          momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr,
