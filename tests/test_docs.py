@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import re
 import shlex
 from pathlib import Path
@@ -165,6 +166,17 @@ def test_no_internal_issue_numbers() -> None:
     found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in paths
              for m in pattern.finditer(p.read_text(encoding="utf-8"))]
     assert found == []
+
+
+def test_no_benchmark_script_shadows_an_installed_module() -> None:
+    """A script's own folder comes first on sys.path, so a benchmarks/<topic>/kernels.py
+    was imported by transformers in place of the `kernels` package it probes for (an
+    ImportError inside the transformers contender)."""
+    installed = set(importlib.metadata.packages_distributions())
+    scripts = {path.stem: path for path in (ROOT / "benchmarks").glob("*/*.py")}
+    clashes = sorted(str(path.relative_to(ROOT)) for name, path in scripts.items()
+                     if name in installed)
+    assert clashes == []
 
 
 def test_every_benchmark_names_the_section_it_fills() -> None:

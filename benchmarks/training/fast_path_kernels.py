@@ -1,7 +1,7 @@
 """Each fast path against the plain way of computing the same thing, at the base config's
 shapes (batch 8 × 128 tokens, hidden 576, 8 experts of 1536, vocab 49,152):
 
-    python benchmarks/training/kernels.py [--repeats 5] [--threads N]
+    python benchmarks/training/fast_path_kernels.py [--repeats 5] [--threads N]
 
 - routed experts: ``torch._grouped_mm`` over tokens sorted by expert vs one matmul per
   expert (forward, and forward + backward);
