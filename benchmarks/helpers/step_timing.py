@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import resource
@@ -31,3 +32,12 @@ def cpu_name() -> str:
     native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     name = model.group(1) if model else platform.machine()
     return f"{name} ({', '.join(native) or 'no native bf16'})"
+
+
+def add_step_size_args(p: argparse.ArgumentParser, config: str) -> None:
+    """The config and the sizes every paired step benchmark takes, spelled once."""
+    p.add_argument("--config", default=config)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="default: the config's")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the config's")

@@ -41,7 +41,7 @@ import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from bf16_variants import _chunked_per_chunk  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import cpu_name, timed  # noqa: E402
+from helpers.step_timing import add_step_size_args, cpu_name, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from train_step import QUICK  # noqa: E402
 
@@ -142,11 +142,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/base.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="default: the config's")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the config's")
+    add_step_size_args(p, "configs/base.yaml")
     p.add_argument("--variants", default="now,before,row-major-head,two-embedding-grads")
     p.add_argument("--hf", action="store_true", help="add transformers' DeepseekV3")
     p.add_argument("--rounds", type=int, default=3)

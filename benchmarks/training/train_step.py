@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import cpu_name, timed  # noqa: E402
+from helpers.step_timing import add_step_size_args, cpu_name, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
@@ -129,11 +129,7 @@ def contender_names(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/cpu-hour.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None, help="default: the config's")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the config's")
+    add_step_size_args(p, "configs/cpu-hour.yaml")
     p.add_argument("--steps", type=int, default=3, help="timed rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ffn", default="dense,moe", help="dense, moe or both")
