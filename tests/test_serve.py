@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ import pytest
 import serving
 import tiny_run
 import torch
+from child_process import start_cli
 
 from deepseek_mini import generate
 from deepseek_mini.cli.main import main
@@ -309,9 +308,7 @@ def test_models_health_and_the_page(served, client):
 
 
 def test_the_command_listens_on_localhost_by_default_and_says_so(served):
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint",
-                             str(served.checkpoint), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("serve", "--checkpoint", str(served.checkpoint), "--port", "0", text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving deepseek-mini on http://127.0.0.1:"), proc.stderr.read()
