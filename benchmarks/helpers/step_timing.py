@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from deepseek_mini import Config
+from deepseek_mini.allocator import keep_freed_memory
 from deepseek_mini.train.precision import Precision
 
 # ``--quick``: a config small enough that a step benchmark's run takes seconds (its tests)
@@ -87,6 +88,17 @@ def sized_config(args: argparse.Namespace, overrides: list[str],
     overrides += [f"data.seq_len={seq_len}", f"train.batch_size={batch}",
                   f"train.micro_batch_size={batch}", *extra]
     return Config.from_yaml(args.config, overrides=overrides), overrides, batch, seq_len
+
+
+def step_run(args: argparse.Namespace,
+             extra: tuple[str, ...] = ()) -> tuple[Config, list[str], int, int]:
+    """What a paired step run with ``--quick`` starts from: the overrides of
+    ``quick_overrides``, ``--threads`` torch threads, freed memory kept as the trainer
+    keeps it, and ``sized_config``'s (config, overrides, batch, seq_len)."""
+    overrides = quick_overrides(args)
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the trainer does
+    return sized_config(args, overrides, extra)
 
 
 def random_ids(vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:

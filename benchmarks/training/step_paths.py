@@ -41,17 +41,9 @@ import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from bf16_variants import _chunked_per_chunk  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import (  # noqa: E402
-    add_step_size_args,
-    cpu_name,
-    quick_overrides,
-    random_ids,
-    sized_config,
-    timed,
-)
+from helpers.step_timing import add_step_size_args, cpu_name, random_ids, step_run, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 from deepseek_mini.model import loss, transformer  # noqa: E402
 from deepseek_mini.train import muon  # noqa: E402
 
@@ -89,13 +81,9 @@ def patched(variant: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    overrides = quick_overrides(args)
     if args.quick:
         args.rounds = 1
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer does
-    cfg, overrides, batch, seq_len = sized_config(
-        args, overrides, extra=("train.device=cpu", "train.precision=fp32"))
+    cfg, overrides, batch, seq_len = step_run(args, ("train.device=cpu", "train.precision=fp32"))
     torch.manual_seed(0)
     ours = build_ours(cfg)
     steps: dict[str, Callable] = {}

@@ -38,18 +38,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import (  # noqa: E402
-    add_step_size_args,
-    cpu_name,
-    quick_overrides,
-    random_ids,
-    sized_config,
-    timed,
-)
+from helpers.step_timing import add_step_size_args, cpu_name, random_ids, step_run, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -147,12 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a tiny config, one round")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
-    overrides = quick_overrides(args)
     if args.quick:
         args.steps, args.peak_seconds = 1, 0.1
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer does
-    cfg, overrides, batch, seq_len = sized_config(args, overrides)
+    cfg, overrides, batch, seq_len = step_run(args)
     names = contender_names(args)
     contenders = build(args.config, overrides, args.baseline, names)
     ids = random_ids(cfg.model.vocab_size, batch, seq_len)
