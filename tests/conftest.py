@@ -17,6 +17,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+# The shared helpers that assert for the tests: their failures explained as a test's are.
+pytest.register_assert_rewrite("child_process", "training_steps")
+
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,13 +5,10 @@ lost, BENCHMARKS.md "Keeping freed memory")."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import run_ok
 
 PROBE = """
 import json, resource, statistics, sys
@@ -49,8 +46,7 @@ print(json.dumps({"kept": kept, "buffer": buffer_faults, "step": statistics.medi
 
 
 def probe(mode: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                          check=True, cwd=ROOT)
+    done = run_ok("-c", PROBE, mode)
     return json.loads(done.stdout)
 
 

@@ -14,12 +14,20 @@ import pytest
 import tiny_run
 import torch
 
-from deepseek_mini import DeepSeekMini, generate
+from deepseek_mini import Config, DeepSeekMini, generate
 from deepseek_mini.inference.batcher import Batcher, Finish, Request
 from deepseek_mini.inference.generate import decode_one, prefill
 from deepseek_mini.model.cache import LatentCache
 
 EOS = 0
+
+
+def v3_layout_config() -> Config:
+    """A small config in DeepSeek-V3's layout: decoupled rope keys beside the latents,
+    the sigmoid router."""
+    return tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48,
+                                 attention="latent_rope", router="sigmoid", qk_nope_head_dim=12,
+                                 qk_rope_head_dim=8, v_head_dim=12, kv_latent_dim=20)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +90,7 @@ def test_rows_join_leave_and_compact_without_changing_anyones_logits(model):
 def test_rows_join_leave_and_compact_in_the_deepseek_v3_layout():
     """The rope keys a latent_rope cache holds beside the latents move with their rows."""
     torch.manual_seed(0)
-    cfg = tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48,
-                                attention="latent_rope", router="sigmoid", qk_nope_head_dim=12,
-                                qk_rope_head_dim=8, v_head_dim=12, kv_latent_dim=20)
+    cfg = v3_layout_config()
     model = DeepSeekMini(cfg.model).eval()
     assert model.new_cache(1, 4).rope_keys is not None
     rows_join_leave_and_compact(model)
@@ -139,9 +145,7 @@ def test_greedy_requests_get_the_same_tokens_alone_or_batched(model, monkeypatch
 def test_a_request_alone_gets_generates_tokens_in_the_deepseek_v3_layout():
     """The decoupled rope key is rotated at the positions the batcher feeds, too."""
     torch.manual_seed(0)
-    cfg = tiny_run.small_config(vocab_size=512, num_kv_heads=1, max_position=48,
-                                attention="latent_rope", router="sigmoid", qk_nope_head_dim=12,
-                                qk_rope_head_dim=8, v_head_dim=12, kv_latent_dim=20)
+    cfg = v3_layout_config()
     model = tiny_run.position_sensitive(DeepSeekMini(cfg.model).eval())
     batcher = Batcher(model, EOS, max_batch=2).start()
     try:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from child_process import run_ok, run_python
 
 from deepseek_mini import Config
 from deepseek_mini.cli.main import main
@@ -78,9 +77,8 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_cli_reports_config_errors_in_one_line_with_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "deepseek_mini", "info", "--config",
-                           "configs/base.yaml", "--set", "model.top_k=9"],
-                          capture_output=True, text=True)
+    proc = run_python("-m", "deepseek_mini", "info", "--config", "configs/base.yaml",
+                      "--set", "model.top_k=9")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: model.top_k (9) must not exceed model.num_experts (8)"]
@@ -92,8 +90,7 @@ def test_info_and_config_errors_do_not_wait_for_torch():
     code = ("import sys; from deepseek_mini.cli.main import main; "
             "main(['info', '--config', 'configs/base.yaml', '--json']); "
             "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    proc = run_ok("-c", code)
     assert proc.stdout.splitlines()[-1] == "False"
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import as_rank, run_forked, torchrun
 from tiny_run import TIMING_KEYS, TINY_YAML, tiny_overrides
 
 from deepseek_mini.checkpoint import load_checkpoint
@@ -57,33 +54,14 @@ def reference(overrides, tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(args: list[str], rank: int, world_size: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rank(rank: int, world: int, port: int, args: list[str]) -> None:
+    as_rank(rank, world, port)
     raise SystemExit(main(args))
 
 
 def two_processes(args: list[str]) -> None:
-    """What torchrun does, in forked children: the test process's imports are reused,
-    which saves each rank seconds of start-up on a busy machine."""
-    ctx = multiprocessing.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(args, rank, 2, port)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=300)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    """What torchrun does, in forked children."""
+    run_forked(_rank, 2, (args,), timeout=300)
 
 
 def rows(out: Path) -> list[dict]:
@@ -136,12 +114,7 @@ def test_ddp_on_two_processes_matches_one_process(overrides, reference, tmp_path
 
 def test_fsdp_under_torchrun_matches_one_process(overrides, reference, tmp_path):
     """The user-facing launch: torchrun starts the ranks and picks the port."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "deepseek_mini",
-           *train_args(overrides, tmp_path, "--set", "train.parallel=fsdp")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(*train_args(overrides, tmp_path, "--set", "train.parallel=fsdp"))
     assert_same_run(tmp_path, reference)
     assert "2 fsdp processes" in (tmp_path / "train.log").read_text()
 

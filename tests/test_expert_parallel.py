@@ -6,10 +6,8 @@ EP 2 and EP 2 x DP 2; checkpoints move between EP and one process."""
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import re
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from child_process import as_rank, run_forked, torchrun
 from test_distributed import (
     DISTRIBUTED,
     assert_same_run,
-    free_port,
     one_process,
     train_args,
     two_processes,
@@ -56,10 +54,8 @@ STEPS = 3
 needs_fork = pytest.mark.skipif(sys.platform == "win32", reason="fork")
 
 
-def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    as_rank(rank, world, port)
     code = 0
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -82,17 +78,7 @@ def spawn(fn: Callable, world: int, *args) -> None:
     import torch.distributed.checkpoint.state_dict  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
 
-    ctx = multiprocessing.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, rank, world, port, args))
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=240)
-        if proc.is_alive():
-            proc.kill()
-    assert [proc.exitcode for proc in procs] == [0] * world
+    run_forked(_worker, world, (fn, args), timeout=240)
 
 
 @dataclass
@@ -303,12 +289,7 @@ def ep_reference(ep_overrides, tmp_path_factory) -> Path:
 def ep_run(ep_overrides, tmp_path_factory) -> Path:
     """The user-facing launch: torchrun, FSDP on the dense rest, experts split 2 ways."""
     out = tmp_path_factory.mktemp("ep-run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "deepseek_mini",
-           *train_args(ep_overrides, out, "--set", "train.parallel=fsdp", *EP)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(*train_args(ep_overrides, out, "--set", "train.parallel=fsdp", *EP))
     return out
 
 

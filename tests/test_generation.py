@@ -4,14 +4,13 @@ each prompt alone, sampling filters, seeds, end of text, and the ``generate`` co
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tiny_run
 import torch
+from child_process import run_ok
 
 from deepseek_mini import Config, DeepSeekMini, UserError, generate
 from deepseek_mini.cli.main import main
@@ -369,11 +368,8 @@ def test_cli_caps_new_tokens_at_max_position_with_a_notice(checkpoint, capsys):
 
 
 def test_the_generate_script_runs_as_a_subprocess(checkpoint):
-    result = subprocess.run(
-        [sys.executable, "generate.py", "--checkpoint", str(checkpoint), "--max-new-tokens",
-         "4", "--temperature", "0"], input="Tom and Sam", capture_output=True, text=True,
-        cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    result = run_ok("generate.py", "--checkpoint", str(checkpoint), "--max-new-tokens", "4",
+                    "--temperature", "0", stdin="Tom and Sam", timeout=120)
     assert result.stdout.startswith("Tom and Sam")
 
 

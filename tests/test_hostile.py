@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import serving
 import torch
+from child_process import start_cli
 from test_reliability import one_error_line, one_error_line_of, train_args
 from tiny_run import ROOT, TINY_YAML, VOCAB, small_config, tiny_overrides
 
@@ -37,10 +37,6 @@ from deepseek_mini.files import (
 )
 from deepseek_mini.model.sizes import training_memory
 from deepseek_mini.threads import user_chose_threads
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +55,6 @@ def trained(data_overrides, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return serving.tiny_checkpoint(tmp_path_factory.mktemp("hostile-ckpt"), max_position=64)
-
-
-def cli(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "deepseek_mini", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 
 
 def crafted(path: Path, source: Path, change) -> Path:
@@ -91,7 +82,7 @@ def resume_folder(trained: Path, tmp_path: Path, change) -> Path:
 def test_a_reader_that_goes_away_ends_a_printing_command_quietly(checkpoint, command):
     args = (["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "20"]
             if command == "generate" else ["info", "--json"])
-    proc = cli(*args)
+    proc = start_cli(*args)
     proc.stdout.close()  # before the command prints anything: `| head -c 0`
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Traceback" not in err and b"Exception" not in err, err
@@ -367,7 +358,8 @@ def test_sigterm_while_tokenising_ends_as_an_interrupt_without_leftovers(data_ov
     cache = tmp_path / "cache"
     sets = [*data_overrides, f"data.cache_dir={cache}", "data.demo_stories=100000",
             "data.num_workers=2"]
-    proc = cli("prepare", "--config", str(TINY_YAML), *[a for s in sets for a in ("--set", s)])
+    proc = start_cli("prepare", "--config", str(TINY_YAML),
+                     *[a for s in sets for a in ("--set", s)])
     for line in proc.stderr:  # the pool is at work once the first 10% is reported
         if line.startswith(b"tokenizing"):
             break
@@ -601,7 +593,7 @@ def test_a_borrowed_config_of_ten_million_layers_is_refused_before_building(
                 str(tmp_path / "w.pt")]
     else:
         args = train_args(data_overrides, tmp_path / "run", f"train.warm_start=hf:{folder}")
-    proc = cli(*args)
+    proc = start_cli(*args)
     try:
         _, err = proc.communicate(timeout=120)
     finally:
@@ -619,7 +611,7 @@ def test_an_absurd_thread_count_is_one_line_not_a_crash(tmp_path, command):
             "eval": ["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(text)],
             "train": ["train", "--config", str(TINY_YAML), "--set",
                       f"train.out_dir={tmp_path / 'run'}"]}[command]
-    proc = cli(*args, "--threads", "99999")
+    proc = start_cli(*args, "--threads", "99999")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     line = one_error_line_of(err.decode())

@@ -6,13 +6,11 @@ the paired MoE-vs-dense step benchmark runs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import run_benchmark
 from helpers.plain_model import PlainMoE
 from test_fast_paths import small_config
 
@@ -82,11 +80,7 @@ def test_moe_layer_under_bf16_autocast_stays_near_the_fp32_loop(activation):
 
 def test_moe_step_benchmark_runs_quick(tmp_path):
     out = tmp_path / "moe.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/training/moe_step.py", "--quick",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("training/moe_step.py", "--quick", "--out", str(out))
     (size,) = json.loads(out.read_text())["sizes"]
     assert size["dense_hidden"] == 3 * 64  # (top_k + shared) x expert_hidden
     assert size["ratio"]["wall"] > 0

@@ -5,11 +5,11 @@ refusals."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 from tiny_run import TINY_YAML, tiny_overrides
+from training_steps import random_batch, skipped_non_finite_step
 
 from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import load_checkpoint
@@ -28,11 +28,6 @@ SMALL = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=2",
 
 def small(*extra: str) -> Config:
     return Config.from_yaml(None, [*SMALL, *extra])
-
-
-def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (rows, seq_len + 1), generator=generator)
 
 
 def storage(t: torch.Tensor) -> int:
@@ -148,17 +143,7 @@ def test_a_non_finite_step_leaves_weights_and_both_states_unchanged():
     optimizer = build_optimizer(model, cfg.train)
     precision = setup_precision(cfg.train)
     batch = random_batch(4, 16, 128)
-    train_step(model, optimizer, batch, 4, 1.0, precision)
-    before = copy.deepcopy(model.state_dict())
-    state_before = copy.deepcopy(optimizer.state_dict())
-    with torch.no_grad():
-        model.norm.weight[0] = math.nan
-    stats, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
-    assert not bool(finite) and not math.isfinite(stats[0].item())
-    with torch.no_grad():
-        model.norm.weight[0] = before["norm.weight"][0]
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
+    before, state_before = skipped_non_finite_step(model, optimizer, batch, precision)
     after = optimizer.state_dict()
     for part in ("adamw", "muon"):
         assert after[part]["state"].keys() == state_before[part]["state"].keys()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ import pytest
 import serving
 import tiny_run
 import torch
+from child_process import start_cli
 
 from deepseek_mini import generate
 from deepseek_mini.cli.main import main
@@ -249,7 +248,8 @@ def test_the_openai_client_raises_on_a_bad_request(client):
         client.completions.create(model="deepseek-mini", prompt="a", temperature=-1)
 
 
-def test_a_client_leaving_mid_stream_frees_its_row(served, monkeypatch):
+def deliveries(served, monkeypatch) -> list:
+    """Every event the batcher delivers from now on, in order (a spy on its submit)."""
     seen = []
     submit = served.batcher.submit
 
@@ -259,29 +259,31 @@ def test_a_client_leaving_mid_stream_frees_its_row(served, monkeypatch):
         submit(request)
 
     monkeypatch.setattr(served.batcher, "submit", spy)
+    return seen
+
+
+def assert_cancelled_and_freed(served, seen: list, deadline: float, poll: float) -> None:
+    """The request whose events are ``seen`` ends cancelled long before its 1000 tokens,
+    and its row leaves the batch, by ``deadline`` (monotonic seconds)."""
+    while not isinstance(seen[-1], Finish) and time.monotonic() < deadline:
+        time.sleep(poll)
+    assert seen[-1] == Finish("cancelled") and len(seen) < 1000
+    while served.batcher.running and time.monotonic() < deadline:
+        time.sleep(poll)  # the row goes right after its last delivery
+    assert served.batcher.running == 0
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(served, monkeypatch):
+    seen = deliveries(served, monkeypatch)
     body = {"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0,
             "stream": True}
     with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=60) as reply:
         next(reply.iter_lines())
-    deadline = time.monotonic() + 30
-    while not isinstance(seen[-1], Finish) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert seen[-1] == Finish("cancelled") and len(seen) < 1000
-    while served.batcher.running and time.monotonic() < deadline:
-        time.sleep(0.05)  # the row goes right after its last delivery
-    assert served.batcher.running == 0
+    assert_cancelled_and_freed(served, seen, time.monotonic() + 30, poll=0.05)
 
 
 def test_a_client_leaving_before_the_reply_frees_its_row(served, monkeypatch):
-    seen = []
-    submit = served.batcher.submit
-
-    def spy(request):
-        deliver = request.deliver
-        request.deliver = lambda event: (seen.append(event), deliver(event))
-        submit(request)
-
-    monkeypatch.setattr(served.batcher, "submit", spy)
+    seen = deliveries(served, monkeypatch)
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "temperature": 1.0,
                        "seed": 3}).encode()
     host, port = served.url.removeprefix("http://").split(":")
@@ -292,12 +294,7 @@ def test_a_client_leaving_before_the_reply_frees_its_row(served, monkeypatch):
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
     # closed: the reply, sent in one piece, would go nowhere
-    while not isinstance(seen[-1], Finish) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert seen[-1] == Finish("cancelled") and len(seen) < 1000
-    while served.batcher.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert served.batcher.running == 0
+    assert_cancelled_and_freed(served, seen, deadline, poll=0.01)
 
 
 def test_models_health_and_the_page(served, client):
@@ -309,9 +306,7 @@ def test_models_health_and_the_page(served, client):
 
 
 def test_the_command_listens_on_localhost_by_default_and_says_so(served):
-    proc = subprocess.Popen([sys.executable, "-m", "deepseek_mini", "serve", "--checkpoint",
-                             str(served.checkpoint), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("serve", "--checkpoint", str(served.checkpoint), "--port", "0", text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving deepseek-mini on http://127.0.0.1:"), proc.stderr.read()

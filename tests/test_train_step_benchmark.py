@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import ROOT, run_benchmark
 
 
 def test_train_step_benchmark_quick_reports_rates_peak_share_and_moe_ratio(tmp_path):
     out = tmp_path / "step.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "benchmarks/training/train_step.py", "--quick",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("training/train_step.py", "--quick", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["peak_gflops"]["fp32"]["gflops"] > 0
     assert set(result["contenders"]) == {"ours-dense-fp32", "ours-moe-fp32"}
@@ -31,12 +24,9 @@ def test_step_paths_benchmark_quick_times_every_variant_against_now(tmp_path):
     """benchmarks/training/step_paths.py --quick: each fast path swapped back, and every
     swap restored after its step (the module attributes are the fast ones again)."""
     out = tmp_path / "paths.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns"
-    done = subprocess.run([sys.executable, "benchmarks/training/step_paths.py", "--quick",
-                           "--variants", variants, "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("training/step_paths.py", "--quick", "--variants", variants,
+                  "--json", str(out))
     result = json.loads(out.read_text())
     assert set(result["tokens_per_cpu_s"]) == set(variants.split(","))
     assert all(rate > 0 for rate in result["tokens_per_cpu_s"].values())

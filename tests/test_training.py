@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_run import TIMING_KEYS, TINY_YAML, VOCAB, tiny_overrides
+from training_steps import random_batch, skipped_non_finite_step
 
 from deepseek_mini import Config, DeepSeekMini, UserError
 from deepseek_mini.checkpoint import load_checkpoint
@@ -48,11 +49,6 @@ def read_rows(out_dir: Path) -> list[dict]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def random_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (rows, seq_len + 1), generator=generator)
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
@@ -124,20 +120,10 @@ def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer(name
     optimizer = build_optimizer(model, cfg.train)
     precision = setup_precision(cfg.train)
     batch = random_batch(4, 16, 128).to(device)
-    train_step(model, optimizer, batch, 4, 1.0, precision)
-    before = copy.deepcopy(model.state_dict())
-    state_before = copy.deepcopy(optimizer.state_dict()["state"])
-    with torch.no_grad():
-        model.norm.weight[0] = math.nan
-    stats, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
-    assert not bool(finite) and not math.isfinite(stats[0].item())
-    with torch.no_grad():
-        model.norm.weight[0] = before["norm.weight"][0]
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, before[name]), name
+    _, state_before = skipped_non_finite_step(model, optimizer, batch, precision)
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            assert torch.equal(value, state_before[index][key]), (index, key)
+            assert torch.equal(value, state_before["state"][index][key]), (index, key)
     _, finite = train_step(model, optimizer, batch, 4, 1.0, precision)
     assert bool(finite)
 

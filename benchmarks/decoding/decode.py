@@ -17,26 +17,22 @@ Fills BENCHMARKS.md, section "Cached decoding".
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
+import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
+from helpers.decode_timing import (
+    add_decode_args,
+    decode_rate,
+    describe,
+    load_average,
+    random_model,
+    read_bandwidth,
+    wait_for_quiet,
+)
 
-from deepseek_mini import Config, DeepSeekMini, generate
+from deepseek_mini import DeepSeekMini
 from deepseek_mini.model.sizes import matmul_params_per_token
 from deepseek_mini.train.precision import DTYPES
-
-
-def decode_rate(model: DeepSeekMini, batch: int, prompt_len: int, new_tokens: int,
-                use_cache: bool, compile: bool = False) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) of one greedy generation."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
-                           generator=torch.Generator().manual_seed(0))
-    stamps: list[float] = []
-    start = time.perf_counter()
-    generate(model, prompt, max_new_tokens=new_tokens, use_cache=use_cache, compile=compile,
-             streamer=lambda _: stamps.append(time.perf_counter()))
-    return stamps[0] - start, batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def cache_bytes(model: DeepSeekMini, dtype: torch.dtype) -> tuple[int, int]:
@@ -49,62 +45,23 @@ def cache_bytes(model: DeepSeekMini, dtype: torch.dtype) -> tuple[int, int]:
     return latent, kv
 
 
-def read_bandwidth(gigabytes: float = 0.5) -> float:
-    """GB/s of the best of three sums over a buffer far larger than the caches: what a
-    decode step, which reads each active weight once, can hope for."""
-    buffer = torch.ones(int(gigabytes * 1e9 / 4))
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return gigabytes / best
-
-
-def load_average() -> float:
-    """The 1-minute load average (0 where /proc is missing)."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def wait_for_quiet(threshold: float | None, give_up_s: float = 3600) -> None:
-    """On a shared machine, hold each measurement until the load average drops below
-    ``threshold`` (other jobs idle), or ``give_up_s`` has passed."""
-    deadline = time.monotonic() + give_up_s
-    while threshold is not None and load_average() >= threshold and time.monotonic() < deadline:
-        time.sleep(2)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/base.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=33)
+    add_decode_args(parser, repeats=2)
     parser.add_argument("--uncached-tokens", type=int, default=9,
                         help="decode steps for the slower uncached runs")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--slow-dtype-tokens", type=int, default=3,
                         help="decode steps for dtypes other than fp32 (bf16 is slow on AVX2)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--wait-quiet", type=float, default=None, metavar="LOAD",
                         help="start each measurement only once the 1-minute load average is "
                              "below LOAD (a shared machine)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = Config.from_yaml(args.config, args.set)
-    torch.manual_seed(0)
-    model = DeepSeekMini(cfg.model).eval()
+    cfg, model = random_model(args)
     weight_gb = matmul_params_per_token(cfg.model) * 4 / 1e9
     wait_for_quiet(args.wait_quiet)
     bandwidth = read_bandwidth()
-    print(f"config {args.config} {' '.join(args.set)}: {cfg.model.num_layers} layers, "
-          f"threads {torch.get_num_threads()}, prompt {args.prompt_len} tokens")
+    print(f"{describe(args, cfg)} tokens")
     print(f"fp32 weights read per token at batch 1: {weight_gb:.3f} GB; read bandwidth "
           f"{bandwidth:.1f} GB/s -> at most {bandwidth / weight_gb:.1f} tokens/s")
     print("| dtype | batch | cache | prefill s | decode tok/s | cached / uncached | load |")

@@ -16,30 +16,16 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from decode import decode_rate
-
-from deepseek_mini import Config, DeepSeekMini
+import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
+from helpers.decode_timing import add_decode_args, decode_rate, describe, random_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/base.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_decode_args(parser, repeats=3)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = Config.from_yaml(args.config, args.set)
-    torch.manual_seed(0)
-    model = DeepSeekMini(cfg.model).eval()
-    print(f"config {args.config} {' '.join(args.set)}: {cfg.model.num_layers} layers, "
-          f"threads {torch.get_num_threads()}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens")
+    cfg, model = random_model(args)
+    print(f"{describe(args, cfg)}, {args.new_tokens} new tokens")
     print("| batch | eager tok/s | compiled tok/s | compiled / eager | compile s |")
     print("|---|---|---|---|---|")
     for batch in args.batch:

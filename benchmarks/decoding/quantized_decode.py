@@ -27,8 +27,9 @@ import argparse
 import copy
 import time
 
+import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
-from decode import decode_rate, load_average, read_bandwidth
+from helpers.decode_timing import decode_rate, load_average, read_bandwidth
 from torch import nn
 
 from deepseek_mini import Config, DeepSeekMini, quantize

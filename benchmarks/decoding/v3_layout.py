@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 
+import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
-from decode import decode_rate
+from helpers.decode_timing import decode_rate
 
 from deepseek_mini import Config, DeepSeekMini
 from deepseek_mini.model.sizes import kv_cache_bytes_per_token

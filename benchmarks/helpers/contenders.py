@@ -80,8 +80,7 @@ def build_plain(cfg: Config) -> Contender:
     precision = setup_precision(cfg.train)
     model = PlainDeepSeekMini(cfg.model).to(precision.device)
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay)
+    optimizer = adamw(model, cfg)
 
     def train_step(ids: torch.Tensor) -> None:
         with precision.autocast():
@@ -149,15 +148,8 @@ def build_hf(cfg: Config) -> Contender:
     model = DeepseekV3ForCausalLM(hf_config(cfg.model)).to(precision.device)
     model.generation_config = copy.deepcopy(model.generation_config)
     model.generation_config.eos_token_id = None
-    t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay, fused=True)
-
-    def train_step(ids: torch.Tensor) -> None:
-        inputs = ids[:, :-1]
-        with precision.autocast():
-            loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss
-        _backward_and_step(loss, model, optimizer, precision, t.grad_clip)
+    optimizer = adamw(model, cfg, fused=True)
+    train_step = hf_train_step(model, optimizer, precision, cfg.train.grad_clip)
 
     def decode(prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return model.generate(prompt, attention_mask=torch.ones_like(prompt),
@@ -169,6 +161,27 @@ def build_hf(cfg: Config) -> Contender:
              f"attn={model.config._attn_implementation}, fused AdamW, generate()")
     return Contender("hf", model, train_step, decode,
                      hf_flops_per_token(model, cfg.data.seq_len), notes)
+
+
+def adamw(model: nn.Module, cfg: Config, fused: bool | None = None) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` at the config's rate, betas and weight decay (``fused`` None:
+    torch's default, the per-tensor loop on a CPU)."""
+    t = cfg.train
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                             weight_decay=t.weight_decay, fused=fused)
+
+
+def hf_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                  grad_clip: float) -> TrainStep:
+    """One optimizer step of transformers' causal LM on ``ids`` (it shifts the labels
+    itself), as a training loop around it would run."""
+    def train_step(ids: torch.Tensor) -> None:
+        inputs = ids[:, :-1]
+        with precision.autocast():
+            loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss
+        _backward_and_step(loss, model, optimizer, precision, grad_clip)
+
+    return train_step
 
 
 def _backward_and_step(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,

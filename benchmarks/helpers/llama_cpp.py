@@ -59,7 +59,7 @@ def decode_rate(model: Path, prompt: str, new_tokens: int, threads: int = 1
                 ) -> tuple[float, float]:
     """(prefill seconds, batch-1 decode tokens/s) of one greedy llama.cpp generation of
     ``new_tokens``; the rate counts the steps after the first token, as
-    benchmarks/decoding/decode.py does for ours. Each call is a fresh process: load time
+    decode_timing.decode_rate does for ours. Each call is a fresh process: load time
     excluded."""
     result = run(model, [prompt], new_tokens, threads=threads,
                  context=new_tokens + 512)["results"][0]

@@ -1,6 +1,6 @@
 """Makes a benchmark run as ``python benchmarks/<topic>/<script>.py`` find what it shares:
-``benchmarks/`` (the ``helpers`` package) and ``benchmarks/decoding/`` (``decode``'s timing
-functions, which other topics reuse). Imported for that effect only."""
+``benchmarks/`` (the ``helpers`` package) and ``benchmarks/decoding/`` (``quantized_decode``'s
+byte counts, which other topics reuse). Imported for that effect only."""
 
 import sys
 from pathlib import Path

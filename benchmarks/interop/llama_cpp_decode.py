@@ -34,8 +34,8 @@ from pathlib import Path
 
 import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
-from decode import load_average, read_bandwidth
 from helpers import llama_cpp
+from helpers.decode_timing import load_average, read_bandwidth
 from quantized_decode import bytes_per_step
 
 from deepseek_mini import Config, DeepSeekMini, generate

@@ -20,7 +20,7 @@ import argparse
 
 import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
-from decode import decode_rate, load_average, read_bandwidth
+from helpers.decode_timing import decode_rate, load_average, read_bandwidth
 
 from deepseek_mini import load_for_inference
 

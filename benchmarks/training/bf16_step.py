@@ -28,21 +28,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
-from helpers.contenders import _backward_and_step, hf_config  # noqa: E402
-from helpers.step_timing import cpu_name, timed  # noqa: E402
+from helpers.contenders import adamw, hf_config, hf_train_step  # noqa: E402
+from helpers.step_timing import (  # noqa: E402
+    add_step_size_args,
+    cpu_name,
+    fixed_precision,
+    random_ids,
+    step_config,
+    timed,
+)
 
 from deepseek_mini import Config, DeepSeekMini  # noqa: E402
 from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 from deepseek_mini.train import step as trainer  # noqa: E402
 from deepseek_mini.train.optim import build_optimizer  # noqa: E402
-from deepseek_mini.train.precision import Precision  # noqa: E402
 
 Step = Callable[[torch.Tensor], object]
 CONTENDERS = ("ours-fp32", "ours-bf16", "hf-fp32", "hf-bf16")
-
-
-def precision(name: str) -> Precision:
-    return Precision(torch.device("cpu"), name, torch.amp.GradScaler("cpu", enabled=False))
 
 
 def ours(cfg: Config) -> dict[str, Step]:
@@ -51,7 +53,7 @@ def ours(cfg: Config) -> dict[str, Step]:
     t = cfg.train
 
     def step_in(name: str) -> Step:
-        p = precision(name)
+        p = fixed_precision(name)
         return lambda ids: trainer.train_step(model, optimizer, ids, t.micro_batch_size,
                                               t.grad_clip, p)
 
@@ -62,31 +64,17 @@ def transformers_model(cfg: Config) -> dict[str, Step]:
     from transformers import DeepseekV3ForCausalLM
 
     model = DeepseekV3ForCausalLM(hf_config(cfg.model))
-    t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas),
-                                  weight_decay=t.weight_decay, fused=True)
+    optimizer = adamw(model, cfg, fused=True)
 
     def step_in(name: str) -> Step:
-        p = precision(name)
-
-        def run(ids: torch.Tensor) -> None:
-            inputs = ids[:, :-1]
-            with p.autocast():
-                loss = model(input_ids=inputs, labels=inputs, use_cache=False).loss
-            _backward_and_step(loss, model, optimizer, p, t.grad_clip)
-
-        return run
+        return hf_train_step(model, optimizer, fixed_precision(name), cfg.train.grad_clip)
 
     return {"hf-fp32": step_in("fp32"), "hf-bf16": step_in("bf16")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/base.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    add_step_size_args(p, "configs/base.yaml", batch=8, seq_len=128)
     p.add_argument("--steps", type=int, default=3, help="timed rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -96,9 +84,7 @@ def main() -> None:
     overrides = ["model.expert_activation=swiglu", f"data.seq_len={args.seq_len}",
                  f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
                  *args.set]
-    if args.layers:
-        overrides.append(f"model.num_layers={args.layers}")
-    cfg = Config.from_yaml(args.config, overrides=overrides)
+    cfg = step_config(args, overrides)
     names = args.contenders.split(",")
     torch.manual_seed(0)
     steps: dict[str, Step] = {}
@@ -106,8 +92,7 @@ def main() -> None:
         steps.update(ours(cfg))
     if any(n.startswith("hf") for n in names):
         steps.update(transformers_model(cfg))
-    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
+    ids = random_ids(cfg.model.vocab_size, args.batch, args.seq_len)
     for n in names:
         timed(steps[n], ids)  # warm-up
     times: dict[str, list[tuple[float, float, float, int]]] = {n: [] for n in names}

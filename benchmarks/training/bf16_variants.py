@@ -26,14 +26,15 @@ import statistics
 from collections.abc import Callable, Iterator
 from unittest import mock
 
+import _paths  # noqa: F401 (puts benchmarks/ on sys.path)
 import torch
+from helpers.step_timing import add_step_size_args, fixed_precision, random_ids, step_config
 
-from deepseek_mini import Config, DeepSeekMini
+from deepseek_mini import DeepSeekMini
 from deepseek_mini.allocator import keep_freed_memory
 from deepseek_mini.model import loss
 from deepseek_mini.train import step as trainer
 from deepseek_mini.train.optim import build_optimizer
-from deepseek_mini.train.precision import Precision
 
 
 def _chunked_per_chunk(hidden, weight, targets, ignore_index, chunk_rows, want_grad,
@@ -90,32 +91,23 @@ def cpu_seconds() -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/base.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    add_step_size_args(p, "configs/base.yaml", batch=8, seq_len=128)
     p.add_argument("--steps", type=int, default=5, help="timed rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default="bf16,bf16:loss-per-chunk")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    overrides = ["model.expert_activation=swiglu", *args.set]
-    if args.layers:
-        overrides.append(f"model.num_layers={args.layers}")
-    cfg = Config.from_yaml(args.config, overrides=overrides)
+    cfg = step_config(args, ["model.expert_activation=swiglu", *args.set])
     torch.manual_seed(0)
     model = DeepSeekMini(cfg.model)
     optimizer = build_optimizer(model, cfg.train)
     names = args.variants.split(",")
-    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
+    ids = random_ids(cfg.model.vocab_size, args.batch, args.seq_len)
 
     def run(name: str) -> float:
         dtype, _, swaps = name.partition(":")
-        precision = Precision(torch.device("cpu"), dtype,
-                              torch.amp.GradScaler("cpu", enabled=False))
+        precision = fixed_precision(dtype)
         with swapped([s for s in swaps.split("+") if s]):
             start = cpu_seconds()
             trainer.train_step(model, optimizer, ids, args.batch, cfg.train.grad_clip,

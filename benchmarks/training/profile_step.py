@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from helpers.profiling import labelled  # noqa: E402
+from helpers.step_timing import add_step_size_args, fixed_precision, step_config  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-from deepseek_mini import Config, DeepSeekMini  # noqa: E402
+from deepseek_mini import DeepSeekMini  # noqa: E402
 from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 from deepseek_mini.model import transformer as model_module  # noqa: E402
 from deepseek_mini.train.optim import build_optimizer  # noqa: E402
-from deepseek_mini.train.precision import Precision  # noqa: E402
 
 PARTS = {"attn": "attention", "moe.experts": "routed experts", "moe.shared": "shared expert",
          "moe.router": "router"}
@@ -58,11 +58,7 @@ def step_range(name: str) -> Iterator[None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/base.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_step_size_args(parser, "configs/base.yaml", batch=8, seq_len=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, default=25)
@@ -74,17 +70,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the trainer does: no page faults inside the profiled ops
-    overrides = list(args.set)
-    if args.layers:
-        overrides.append(f"model.num_layers={args.layers}")
-    config = Config.from_yaml(args.config, overrides=overrides)
+    config = step_config(args, list(args.set))
     cfg = config.model
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = DeepSeekMini(cfg).to(device)
     label_modules(model)
     optimizer = build_optimizer(model, config.train)  # the config's own (Muon for cpu-hour)
-    precision = Precision(device, args.precision, torch.amp.GradScaler(enabled=False))
+    precision = fixed_precision(args.precision, device)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
 

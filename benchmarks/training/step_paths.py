@@ -41,12 +41,9 @@ import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from bf16_variants import _chunked_per_chunk  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import add_step_size_args, cpu_name, timed  # noqa: E402
+from helpers.step_timing import add_step_size_args, cpu_name, random_ids, step_run, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from train_step import QUICK  # noqa: E402
 
-from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 from deepseek_mini.model import loss, transformer  # noqa: E402
 from deepseek_mini.train import muon  # noqa: E402
 
@@ -84,21 +81,9 @@ def patched(variant: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    overrides = list(args.set)
     if args.quick:
-        args.config, args.rounds = "configs/tiny.yaml", 1
-        args.batch, args.seq_len = args.batch or 2, args.seq_len or 16
-        overrides = QUICK + overrides
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer does
-    if args.layers:
-        overrides.append(f"model.num_layers={args.layers}")
-    cfg = Config.from_yaml(args.config, overrides=overrides)
-    batch, seq_len = args.batch or cfg.train.batch_size, args.seq_len or cfg.data.seq_len
-    overrides += [f"data.seq_len={seq_len}", f"train.batch_size={batch}",
-                  f"train.micro_batch_size={batch}", "train.device=cpu",
-                  "train.precision=fp32"]
-    cfg = Config.from_yaml(args.config, overrides=overrides)
+        args.rounds = 1
+    cfg, overrides, batch, seq_len = step_run(args, ("train.device=cpu", "train.precision=fp32"))
     torch.manual_seed(0)
     ours = build_ours(cfg)
     steps: dict[str, Callable] = {}
@@ -113,8 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.hf:
         torch.manual_seed(0)
         steps["hf"] = build_hf(cfg).train_step
-    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
+    ids = random_ids(cfg.model.vocab_size, batch, seq_len)
     for step in steps.values():
         step(ids)  # warm-up: allocations, optimizer state
     cpu: dict[str, list[float]] = {name: [] for name in steps}

@@ -38,16 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import _paths  # noqa: F401, E402 (puts benchmarks/ on sys.path)
 import torch  # noqa: E402
 from helpers.contenders import build_hf, build_ours  # noqa: E402
-from helpers.step_timing import add_step_size_args, cpu_name, timed  # noqa: E402
+from helpers.step_timing import add_step_size_args, cpu_name, random_ids, step_run, timed  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from deepseek_mini import Config  # noqa: E402
-from deepseek_mini.allocator import keep_freed_memory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-QUICK = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2",
-         "model.num_heads=2", "model.kv_latent_dim=16", "model.expert_hidden=32",
-         "model.num_experts=4", "model.head_vocab=0", "model.expert_activation=swiglu"]
 
 
 def variant(path: str, overrides: list[str], ffn: str, dtype: str, compiled: bool) -> Config:
@@ -143,24 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a tiny config, one round")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
-    overrides = list(args.set)
     if args.quick:
-        args.config, args.steps, args.peak_seconds = "configs/tiny.yaml", 1, 0.1
-        args.batch, args.seq_len = args.batch or 2, args.seq_len or 16
-        overrides = QUICK + overrides
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as the trainer does
-    if args.layers:
-        overrides.append(f"model.num_layers={args.layers}")
-    cfg = Config.from_yaml(args.config, overrides=overrides)
-    batch, seq_len = args.batch or cfg.train.batch_size, args.seq_len or cfg.data.seq_len
-    overrides += [f"data.seq_len={seq_len}", f"train.batch_size={batch}",
-                  f"train.micro_batch_size={batch}"]
-    cfg = Config.from_yaml(args.config, overrides=overrides)
+        args.steps, args.peak_seconds = 1, 0.1
+    cfg, overrides, batch, seq_len = step_run(args)
     names = contender_names(args)
     contenders = build(args.config, overrides, args.baseline, names)
-    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1),
-                        generator=torch.Generator().manual_seed(0))
+    ids = random_ids(cfg.model.vocab_size, batch, seq_len)
     first = {}
     for name, c in contenders.items():
         start = time.perf_counter()

@@ -16,10 +16,10 @@ import hashlib
 import json
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import IO
+from typing import IO, AnyStr
 
 from ..config import DataConfig
 from ..errors import UserError
@@ -175,22 +175,30 @@ def reassemble_records(lines: Iterable[str]) -> Iterator[str]:
     without their newlines would glue ``Features:``, ``Words:`` and the story into one
     run-on line, so the newlines are put back here.
     """
-    current: list[str] = []
+    return _split_at(lines, EOS_TOKEN, lambda pieces: "\n".join(pieces).strip())
+
+
+def _split_at(lines: Iterable[AnyStr], separator: AnyStr,
+             record: Callable[[list[AnyStr]], str]) -> Iterator[str]:
+    """The non-empty records of a stream of lines that each end at ``separator``, wherever
+    it stands in a line; ``record`` turns a record's pieces into its stripped text (how
+    they join, and how bytes decode, is the caller's)."""
+    current: list[AnyStr] = []
     for line in lines:
-        if EOS_TOKEN not in line:
+        if separator not in line:
             current.append(line)
             continue
-        *ends, rest = line.split(EOS_TOKEN)
+        *ends, rest = line.split(separator)
         for part in ends:
             current.append(part)
-            record = "\n".join(current).strip()
-            if record:
-                yield record
+            text = record(current)
+            if text:
+                yield text
             current = []
-        current = [rest] if rest.strip() else []
-    record = "\n".join(current).strip()
-    if record:
-        yield record
+        current = [rest]
+    text = record(current)
+    if text:
+        yield text
 
 
 def instruct_records_from_hub() -> Iterator[str]:
@@ -215,22 +223,7 @@ def instruct_records_from_hub() -> Iterator[str]:
 def _text_documents(f: IO[bytes], path: Path, replaced: list[int]) -> Iterator[str]:
     """Split on ``<|endoftext|>`` wherever it stands (TinyStories puts it on its own line);
     a file with no separator is one document."""
-    current: list[bytes] = []
-    for line in f:
-        if _EOS_BYTES not in line:
-            current.append(line)
-            continue
-        *ends, rest = line.split(_EOS_BYTES)
-        for part in ends:
-            current.append(part)
-            doc = _decode(b"".join(current), replaced).strip()
-            if doc:
-                yield doc
-            current = []
-        current = [rest]
-    doc = _decode(b"".join(current), replaced).strip()
-    if doc:
-        yield doc
+    return _split_at(f, _EOS_BYTES, lambda pieces: _decode(b"".join(pieces), replaced).strip())
 
 
 def _jsonl_documents(f: IO[bytes], path: Path, replaced: list[int]) -> Iterator[str]:
