@@ -8,7 +8,9 @@ the stacked routed experts, and the embedding with the LM head (tied: one int8 t
 serves both, a row's scale being the head's output-channel scale). A trimmed head
 (``model.head_vocab``, head.py) scores its N kept rows of that table and its "other"
 vector as one quantized [N + 1, h] layer, gathered once (the weights no longer change),
-through the head's own logits and cross-entropy. The router (a few thousand weights,
+through the head's own logits and cross-entropy. A SwiGLU MLP or expert's gate and up
+projections, which read the same rows, become one matrix (one product; per-row scales
+keep every output channel as it would be alone). The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
 Products run one of two int8 kernels (``KERNEL``; measured by
