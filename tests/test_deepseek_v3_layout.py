@@ -56,11 +56,11 @@ def test_absorbed_decoding_matches_the_plain_form_at_every_step(device):
 def test_decoding_is_absorbed_after_the_prefill(monkeypatch):
     from deepseek_mini.model.latent_rope_attention import LatentRopeAttention
 
-    calls = []
-    plain, absorbed = LatentRopeAttention._plain, LatentRopeAttention._absorbed
+    calls = []  # both absorbed forms (the general one, a lone token's) split W_UK and W_UV
+    plain, absorbed = LatentRopeAttention._plain, LatentRopeAttention._absorbing_weights
     monkeypatch.setattr(LatentRopeAttention, "_plain",
                         lambda self, *a, **k: calls.append("plain") or plain(self, *a, **k))
-    monkeypatch.setattr(LatentRopeAttention, "_absorbed",
+    monkeypatch.setattr(LatentRopeAttention, "_absorbing_weights",
                         lambda self, *a: calls.append("absorbed") or absorbed(self, *a))
     model = DeepSeekMini(small_config(**V3).model).eval()
     cache = model.new_cache(1, 10)

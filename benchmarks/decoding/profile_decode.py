@@ -46,6 +46,22 @@ def label_modules(model: torch.nn.Module) -> None:
                 module.one_token = labelled(module.one_token, part)
 
 
+def ops_by_part(events: list) -> dict[str | None, int]:
+    """Operator calls (nested ones included, as the table counts them) by the labelled
+    part they ran in (its outermost label), None for those outside every part."""
+    counts: dict[str | None, int] = {}
+    for event in events:
+        if event.name.startswith("part: "):
+            continue
+        part, parent = None, event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("part: "):
+                part = parent.name[6:]
+            parent = parent.cpu_parent
+        counts[part] = counts.get(part, 0) + 1
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/base.yaml")
@@ -91,18 +107,22 @@ def main() -> None:
             steps(args.steps)
     events = prof.key_averages()
     ops = [e for e in events if not e.key.startswith("part: ")]
+    part_ops = ops_by_part(prof.events())
     print(f"{args.config} {args.mode}, batch {args.batch}, threads {torch.get_num_threads()}: "
           f"{min(step_ms):.1f} ms a step unprofiled (windows: "
           f"{', '.join(f'{t:.1f}' for t in step_ms)}); "
-          f"{sum(e.count for e in ops) / args.steps:.0f} operator calls a step")
+          f"{sum(e.count for e in ops) / args.steps:.0f} operator calls a step, "
+          f"{sum(e.count for e in ops) / args.steps / cfg.num_layers:.0f} a layer")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     profiled = sum(e.self_cpu_time_total for e in events) / 1e3 / args.steps
-    print(f"{'part':<20}{'ms/step':>10}{'share':>8}   (profiled step {profiled:.1f} ms; a "
-          "part's own time outside operators is Python)")
+    print(f"{'part':<20}{'ms/step':>10}{'share':>8}{'ops/step':>10}   (profiled step "
+          f"{profiled:.1f} ms; a part's own time outside operators is Python)")
     for e in sorted(events, key=lambda e: -e.cpu_time_total):
         if e.key.startswith("part: "):
             ms = e.cpu_time_total / 1e3 / args.steps
-            print(f"{e.key[6:]:<20}{ms:>10.1f}{ms / profiled:>8.1%}")
+            print(f"{e.key[6:]:<20}{ms:>10.1f}{ms / profiled:>8.1%}"
+                  f"{part_ops.get(e.key[6:], 0) / args.steps:>10.0f}")
+    print(f"{'(outside parts)':<28}{'':>10}{part_ops.get(None, 0) / args.steps:>10.0f}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class MultiHeadLatentAttention(nn.Module):
         decides when given; without it, attention is causal without a cache and sees every
         key with one (a single new token)."""
         batch, steps, _ = x.shape
+        if steps == 1 and mask is None and cache is not None:
+            return self._decode_one(x, rope_q, rope_k, cache)
         q = self.q_proj(x).view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2)
         latent = self.kv_down(x)
         if cache is not None:
@@ -67,3 +69,25 @@ class MultiHeadLatentAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=cache is None and mask is None,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+    def _decode_one(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                    rope_k: tuple[torch.Tensor, torch.Tensor],
+                    cache: LatentCache) -> torch.Tensor:
+        """``forward`` for one new token per row [B, 1, hidden] that sees every cached key
+        (no mask): the query heads grouped by their KV head and attended with two batched
+        products and a softmax, in place of SDPA's GQA path (some 20 small operators a
+        layer on a CPU, where a decoding step is mostly such per-operator costs)."""
+        batch, kv_heads = x.shape[0], self.num_kv_heads
+        group = self.num_heads // kv_heads
+        q = self.q_proj(x).view(batch, kv_heads, group, self.head_dim)
+        latent = cache.update(self.layer_index, self.kv_down(x))
+        keys = latent.shape[1]
+        k = self.k_up(latent).view(batch, keys, kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_up(latent).view(batch, keys, kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, *rope_q)                                   # [B, kv, G, d]
+        k = apply_rope(k, *rope_k)                                   # [B, kv, S, d]
+        rows = batch * kv_heads
+        scores = torch.bmm(q.reshape(rows, group, -1), k.reshape(rows, keys, -1).transpose(1, 2))
+        out = torch.bmm(scores.mul_(self.head_dim ** -0.5).softmax(dim=-1),
+                        v.reshape(rows, keys, -1))                   # [B * kv, G, d]
+        return self.o_proj(out.view(batch, 1, -1))

@@ -12,7 +12,8 @@ every step has the same shapes and no Python value changes between steps (gpt-fa
 design); the prompt is still prefilled the eager way.
 
 The decoupled-RoPE attention (latent_rope_attention.py) also keeps each token's rotated
-rope key, in a second buffer of ``rope_size`` values per token per layer.
+rope key, ``rope_size`` values per token per layer stored right after its latent in the
+same buffer (``entries``), so its decoding step reads ``[c ; k_r]`` as one tensor.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ class LatentCache:
     def __init__(self, num_layers: int, batch_size: int, max_len: int, latent_size: int,
                  device: torch.device | str, dtype: torch.dtype, static: bool = False,
                  rope_size: int = 0) -> None:
-        self.latents = torch.zeros(num_layers, batch_size, max_len, latent_size,
+        # One buffer: each token's latent, then its rope key (if any), side by side, so
+        # absorbed decoding reads both as one key tensor without a copy.
+        self.entries = torch.zeros(num_layers, batch_size, max_len, latent_size + rope_size,
                                    device=device, dtype=dtype)
-        self.rope_keys = (torch.zeros(num_layers, batch_size, max_len, rope_size,
-                                      device=device, dtype=dtype) if rope_size else None)
+        self.latent_size = latent_size
         self.positions = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.length = 0
@@ -50,12 +52,26 @@ class LatentCache:
         self.head_rows: torch.Tensor | None = None
 
     @property
+    def latents(self) -> torch.Tensor:
+        """The latents ``[layers, batch, max_len, latent]`` (a view of ``entries``)."""
+        if self.entries.shape[-1] == self.latent_size:
+            return self.entries
+        return self.entries[..., :self.latent_size]
+
+    @property
+    def rope_keys(self) -> torch.Tensor | None:
+        """The rotated rope keys ``[layers, batch, max_len, rope]``, or None without."""
+        if self.entries.shape[-1] == self.latent_size:
+            return None
+        return self.entries[..., self.latent_size:]
+
+    @property
     def max_len(self) -> int:
-        return self.latents.shape[2]
+        return self.entries.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.latents.shape[1]
+        return self.entries.shape[1]
 
     def _stepping(self, steps: int) -> bool:
         """Whether a forward of ``steps`` tokens takes the static path."""
@@ -112,6 +128,18 @@ class LatentCache:
         self.rope_keys[layer, :, self.start:self.length] = rope_key
         return self.update(layer, latent), self.rope_keys[layer, :, :self.length]
 
+    def update_joined(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update_with_rope`` for the eager cache, returning all latents so far [B, S,
+        latent] and, as one view [B, S, latent + rope], the latents with their rope keys:
+        the absorbed decoding step's keys, read without a concatenation."""
+        if self._stepping(latent.shape[1]):
+            latents, rope_keys = self.update_with_rope(layer, latent, rope_key)
+            return latents, torch.cat([latents, rope_keys], dim=-1)
+        joined = self.entries[layer, :, :self.length]
+        joined[:, self.start:] = torch.cat([latent, rope_key], dim=-1)
+        return joined[..., :self.latent_size], joined
+
     def continues(self, steps: int) -> bool:
         """Whether the ``steps`` tokens just appended follow tokens already cached (a
         decoding step rather than the prefill)."""
@@ -133,11 +161,8 @@ class LatentCache:
     # --- rows joining and leaving a running batch (the server's continuous batching) ---
 
     def _layer_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        """The per-layer, per-token buffers: the latents, and the rope keys if any."""
-        buffers = [("latents", self.latents)]
-        if self.rope_keys is not None:
-            buffers.append(("rope_keys", self.rope_keys))
-        return buffers
+        """The per-layer, per-token buffers: one, the latents with the rope keys if any."""
+        return [("entries", self.entries)]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices, in their new order): finished requests leave the

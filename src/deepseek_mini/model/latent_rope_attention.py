@@ -63,6 +63,8 @@ class LatentRopeAttention(nn.Module):
         """As ``MultiHeadLatentAttention.forward``; the rope tables are ``qk_rope_head_dim``
         wide and only this forward's tokens' key tables are used (``rope_k``'s last T)."""
         batch, steps, _ = x.shape
+        if steps == 1 and mask is None and cache is not None and cache.continues(steps):
+            return self._decode_one(x, rope_q, cache)
         q = self._query(x).view(batch, steps, self.num_heads, -1).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, *rope_q)
@@ -77,6 +79,36 @@ class LatentRopeAttention(nn.Module):
         else:
             out = self._plain(q_nope, q_rope, latent, k_rope, mask, causal=cache is None)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+    def _decode_one(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
+                    cache: LatentCache) -> torch.Tensor:
+        """``forward`` for one new token per row [B, 1, hidden] that may see every cached
+        key (no mask: no padding, the eager cache): the absorbed attention of ``_absorbed``
+        as a handful of batched products over the heads, in place of the general path's
+        4-D broadcasts and SDPA's math fallback (some 70 small operators a layer on a CPU,
+        where one decoding step is mostly such per-operator costs). Both rope keys, the
+        query's and the new key's, rotate in one call."""
+        batch = x.shape[0]
+        q_nope, q_rope = self._query(x).view(batch, self.num_heads, -1).split(
+            [self.nope, self.rope], dim=-1)                              # [B, H, ·]
+        latent, k_rope = self.kv_down(x).split([self.latent, self.rope], dim=-1)
+        cos, sin = (table[:, 0] for table in rope_q)                      # [B, 1, r]
+        rotated = apply_rope(torch.cat([q_rope, k_rope], dim=1), cos, sin)
+        q_rope, k_rope = rotated.split([self.num_heads, 1], dim=1)
+        latent, keys = cache.update_joined(self.layer_index, self.kv_norm(latent), k_rope)
+        w_uk, w_uv = self._absorbing_weights(q_nope.dtype)                # [H, nope|v, c]
+        q = torch.cat([torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1), q_rope],
+                      dim=-1)                                             # [B, H, c + r]
+        scores = torch.bmm(q, keys.transpose(1, 2)).mul_(self.scale)      # [B, H, S]
+        out = torch.bmm(scores.softmax(dim=-1), latent)                   # [B, H, c]
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))        # [H, B, v]
+        return self.o_proj(out.transpose(0, 1).reshape(batch, 1, -1))
+
+    def _absorbing_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv_up``'s weight split per head into ``W_UK`` [H, nope, c] and ``W_UV``
+        [H, v, c]."""
+        w = self._kv_up_weight(dtype).view(self.num_heads, self.nope + self.value, self.latent)
+        return w.split([self.nope, self.value], dim=1)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -99,9 +131,7 @@ class LatentRopeAttention(nn.Module):
                   k_rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attend in latent space: queries ``[W_UKᵀ q_nope ; q_rope]`` against the cached
         ``[c ; k_r]`` (one head shared by all), values ``c``; ``W_UV`` applied after."""
-        w = self._kv_up_weight(q_nope.dtype).view(self.num_heads, self.nope + self.value,
-                                                  self.latent)
-        w_uk, w_uv = w.split([self.nope, self.value], dim=1)
+        w_uk, w_uv = self._absorbing_weights(q_nope.dtype)
         q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1)   # [B, H, T, c + r]
         k = torch.cat([latent, k_rope], dim=-1)[:, None]               # [B, 1, S, c + r]
         out = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask,

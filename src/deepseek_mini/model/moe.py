@@ -125,6 +125,18 @@ class RoutedExperts(nn.Module):
         answers the group's counts."""
         return counts
 
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """One token ``x`` [1, in] through each of its chosen ``experts`` [k]: [k, out], one
+        product per projection and expert on that expert's weight, without the sort,
+        counts, scatter and grouped products of the general path (a batch-1 decoding
+        step's MoE, which ``MoE`` sends here on a CPU only: reading the k ids is a host
+        sync, cheap there and a stall on an accelerator)."""
+        outs = []
+        for e in experts.tolist():
+            gate = x @ self.w_gate[e] if self.w_gate is not None else None
+            outs.append(activate(x @ self.w_up[e], gate) @ self.w_down[e])
+        return torch.cat(outs)
+
     def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Row ``i`` of ``x`` through expert ``experts[i]``, by batched products over the
         gathered weights (reads each row's expert once: right for a handful of rows)."""
@@ -178,12 +190,14 @@ class MoE(nn.Module):
 
         Sorted by expert, each expert runs one product over its tokens. Under
         torch.compile a few slots (a decode step) gather their experts' weights instead:
-        no data-dependent shapes, so the step stays one graph. Experts with a
-        ``one_token`` path (quantized ones) take a lone eager token through it, unsorted
-        and uncounted (counts None)."""
+        no data-dependent shapes, so the step stays one graph. On a CPU, experts with a
+        ``one_token`` path (float and quantized ones) take a lone eager token (batch-1
+        decoding; training never has one) through it, unsorted and uncounted (counts
+        None)."""
         flat_expert = chosen.reshape(-1)
-        one_token = getattr(self.experts, "one_token", None)  # quantized experts have it
-        if one_token is not None and tokens.shape[0] == 1 and not torch.compiler.is_compiling():
+        one_token = getattr(self.experts, "one_token", None)
+        if (one_token is not None and tokens.shape[0] == 1 and tokens.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
             return one_token(tokens, flat_expert)[None], None
         if torch.compiler.is_compiling() and flat_expert.numel() <= GATHER_MAX_SLOTS:
             slots = tokens.repeat_interleave(self.top_k, dim=0)

@@ -8,7 +8,9 @@ the stacked routed experts, and the embedding with the LM head (tied: one int8 t
 serves both, a row's scale being the head's output-channel scale). A trimmed head
 (``model.head_vocab``, head.py) scores its N kept rows of that table and its "other"
 vector as one quantized [N + 1, h] layer, gathered once (the weights no longer change),
-through the head's own logits and cross-entropy. The router (a few thousand weights,
+through the head's own logits and cross-entropy. A SwiGLU MLP or expert's gate and up
+projections, which read the same rows, become one matrix (one product; per-row scales
+keep every output channel as it would be alone). The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
 Products run one of two int8 kernels (``KERNEL``; measured by
@@ -50,7 +52,7 @@ from torch.nn import functional as F
 
 from ..errors import UserError
 from .head import TrimmedHead
-from .moe import RoutedExperts, activate
+from .moe import FeedForward, RoutedExperts, activate
 
 MODES = ("int8", "bf16")
 DEQUANTIZE_ROWS = 16  # rows above which a cast + bf16 GEMM beats the int8 kernel
@@ -274,21 +276,26 @@ class QuantizedEmbedding(nn.Module):
 
 class Int8Experts(nn.Module):
     """``RoutedExperts`` with each projection as int8 [experts, out, in] and bf16 scales
-    [experts, out]; the same two entry points (sorted rows with counts, or gathered)."""
+    [experts, out]; the same two entry points (sorted rows with counts, or gathered).
+
+    SwiGLU's gate and up projections read the same rows, so they are one int8 matrix
+    ``w_gate_up`` [experts, 2 * inner, in], the gate's rows first: one product per expert
+    instead of two (per-row scales, so each row is quantized as it would be alone, and
+    each output channel is the same dot product). GELU experts have ``w_up`` alone."""
 
     def __init__(self, experts: RoutedExperts, kernel: str = KERNEL) -> None:
         super().__init__()
         check_kernel(kernel)
         self.has_gate = experts.w_gate is not None
         self.compute = torch.float32 if kernel == "fbgemm" else COMPUTE
+        self.first = "w_gate_up" if self.has_gate else "w_up"
         self.packed: dict[str, list[torch.ScriptObject | None]] = {}
-        for name in ("w_up", "w_gate", "w_down"):
-            weight = getattr(experts, name)  # [experts, in, out]
-            q = scale = None
-            if weight is not None:
-                q, scale = quantize_rows(weight.transpose(1, 2))
-                self.packed[name] = [fbgemm_pack(*pair, owner=q) if kernel == "fbgemm"
-                                     else None for pair in zip(q, scale, strict=True)]
+        first = (torch.cat([experts.w_gate, experts.w_up], dim=2) if self.has_gate
+                 else experts.w_up)
+        for name, weight in ((self.first, first), ("w_down", experts.w_down)):
+            q, scale = quantize_rows(weight.detach().transpose(1, 2))  # [experts, out, in]
+            self.packed[name] = [fbgemm_pack(*pair, owner=q) if kernel == "fbgemm"
+                                 else None for pair in zip(q, scale, strict=True)]
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
 
@@ -306,9 +313,15 @@ class Int8Experts(nn.Module):
         return int8_linear(rows, getattr(self, f"{name}_q")[e],
                            getattr(self, f"{name}_scale")[e], self.packed[name][e])
 
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The first product's output (gate and up side by side, or up) activated."""
+        if not self.has_gate:
+            return activate(h, None)
+        gate, up = h.chunk(2, dim=-1)
+        return activate(up, gate)
+
     def _expert(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        gate = self._product(rows, "w_gate", e) if self.has_gate else None
-        return self._product(activate(self._product(rows, "w_up", e), gate), "w_down", e)
+        return self._product(self._activate(self._product(rows, self.first, e)), "w_down", e)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows of ``x`` sorted by expert, ``counts[e]`` rows for expert e: one pass per
@@ -331,8 +344,7 @@ class Int8Experts(nn.Module):
             return out * getattr(self, f"{name}_scale")[experts]
 
         rows = x.to(self.compute)
-        gate = product(rows, "w_gate") if self.has_gate else None
-        return product(activate(product(rows, "w_up"), gate), "w_down").to(x.dtype)
+        return product(self._activate(product(rows, self.first)), "w_down").to(x.dtype)
 
 
 class Bf16Experts(nn.Module):
@@ -350,8 +362,26 @@ class Bf16Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return RoutedExperts.forward(self, x.to(COMPUTE), counts).to(x.dtype)
 
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return RoutedExperts.one_token(self, x.to(COMPUTE), experts).to(x.dtype)
+
     def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         return RoutedExperts.gathered(self, x.to(COMPUTE), experts).to(x.dtype)
+
+
+class QuantizedFeedForward(nn.Module):
+    """A SwiGLU ``FeedForward`` (the shared experts, a dense MLP) quantized with its gate
+    and up projections as one layer ``gate_up`` [2 * inner, in], the gate's rows first:
+    one product instead of two on the same rows, each output channel as it was."""
+
+    def __init__(self, ff: FeedForward, mode: str, kernel: str) -> None:
+        super().__init__()
+        self.gate_up = _linear(torch.cat([ff.gate.weight, ff.up.weight]), mode, kernel)
+        self.down = _linear(ff.down.weight, mode, kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(activate(up, gate))
 
 
 class QuantizedTrimmedHead(nn.Module):
@@ -431,8 +461,12 @@ def quantize(model: nn.Module, mode: str, kernel: str | None = None) -> nn.Modul
     if model.head is not None:
         model.head = _trimmed_head(model, mode, kernel)
     for parent in list(model.modules()):
+        if isinstance(parent, FeedForward) and parent.gate is not None:
+            continue  # replaced whole, by its parent's turn
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
+            if isinstance(child, FeedForward) and child.gate is not None:
+                setattr(parent, name, QuantizedFeedForward(child, mode, kernel))
+            elif isinstance(child, nn.Linear) and child.bias is None:
                 setattr(parent, name, _linear(child.weight, mode, kernel))
             elif isinstance(child, RoutedExperts):
                 setattr(parent, name, Int8Experts(child, kernel) if mode == "int8"

@@ -114,6 +114,8 @@ class ExpertParallelExperts(RoutedExperts):
         self._group_counts: torch.Tensor | None = None
         self.last_splits: tuple[list[int], list[int]] = ([], [])  # (sent, received) rows
 
+    one_token = None  # this rank holds only some experts: every token goes through forward
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         mesh, local = self.mesh, self.w_up.shape[0]
         if torch.is_autocast_enabled(x.device.type):  # travel in the compute dtype
