@@ -32,7 +32,7 @@ def test_step_paths_benchmark_quick_times_every_variant_against_now(tmp_path):
     swap restored after its step (the module attributes are the fast ones again)."""
     out = tmp_path / "paths.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns"
+    variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns,plain-ns"
     done = subprocess.run([sys.executable, "benchmarks/training/step_paths.py", "--quick",
                            "--variants", variants, "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -52,9 +52,11 @@ def test_step_paths_patches_are_restored():
     from deepseek_mini.model import loss, transformer
     from deepseek_mini.train import muon
 
-    originals = (loss._chunked, transformer.tied_lookup, muon._by_gram_shape)
+    originals = (loss._chunked, transformer.tied_lookup, muon._by_gram_shape, muon.gram_pays)
     with step_paths.patched("before"):
         assert loss._chunked is not originals[0]
         assert transformer.tied_lookup is not originals[1]
         assert muon._by_gram_shape is not originals[2]
-    assert (loss._chunked, transformer.tied_lookup, muon._by_gram_shape) == originals
+        assert not muon.gram_pays(256, 1536, 5)
+    assert (loss._chunked, transformer.tied_lookup, muon._by_gram_shape,
+            muon.gram_pays) == originals
