@@ -32,7 +32,7 @@ def test_step_paths_benchmark_quick_times_every_variant_against_now(tmp_path):
     swap restored after its step (the module attributes are the fast ones again)."""
     out = tmp_path / "paths.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-    variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns,plain-ns"
+    variants = "now,before,row-major-head,two-embedding-grads,per-shape-ns"
     done = subprocess.run([sys.executable, "benchmarks/training/step_paths.py", "--quick",
                            "--variants", variants, "--json", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
