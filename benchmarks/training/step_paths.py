@@ -19,7 +19,9 @@ around its step only:
   joined with the wide ones of its transposed shape (train/muon.py);
 - ``plain-ns``: fp32 Newton-Schulz iterating on every matrix itself, no wide one in
   Gram form (train/muon.py);
-- ``before``: all four.
+- ``256-row-head``: the fp32 head's cross-entropy in chunks of 256 rows whatever its
+  size, not the larger chunks a trimmed head takes (model/loss.py);
+- ``before``: all five.
 
 ``--hf`` adds transformers' DeepseekV3 (its own model, fused AdamW) for the ratio the
 project's goal is stated in. Each figure is the median over rounds of one step's process
@@ -69,6 +71,7 @@ PATCHES = {
     "two-embedding-grads": [(transformer, "tied_lookup", _plain_lookup)],
     "per-shape-ns": [(muon, "_by_gram_shape", _by_exact_shape)],
     "plain-ns": [(muon, "gram_pays", lambda rows, cols, steps: False)],
+    "256-row-head": [(loss, "CHUNK_LOGITS", 0)],
 }
 PATCHES["before"] = [p for name in list(PATCHES) for p in PATCHES[name]]
 
