@@ -127,7 +127,7 @@ def _gram_newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float
 def gram_pays(rows: int, cols: int, steps: int) -> bool:
     """Whether the Gram form (``_gram_newton_schulz``) of an ``r x c`` (r <= c) iteration
     takes fewer FLOPs than the plain one: from about 2:1 (an MoE expert's ``hidden x 2
-    hidden``, 0.88x the FLOPs, ran 1.15-1.3x faster on an AVX2 EPYC: its ``r x r``
+    hidden``, 0.88x the FLOPs, ran 1.1-1.3x faster on an AVX2 EPYC: its ``r x r``
     products run faster than the wide ones) to a dense MLP's 6:1 (0.58x), not a square
     matrix (1.2x)."""
     blocks = -(-steps // GRAM_RESTART)
