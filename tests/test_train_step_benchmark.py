@@ -42,9 +42,11 @@ def test_step_paths_patches_are_restored():
     from deepseek_mini.model import loss, transformer
     from deepseek_mini.train import muon
 
-    originals = (loss._chunked, transformer.tied_lookup, muon._by_gram_shape)
+    originals = (loss._chunked, transformer.tied_lookup, muon._by_gram_shape, muon.gram_pays)
     with step_paths.patched("before"):
         assert loss._chunked is not originals[0]
         assert transformer.tied_lookup is not originals[1]
         assert muon._by_gram_shape is not originals[2]
-    assert (loss._chunked, transformer.tied_lookup, muon._by_gram_shape) == originals
+        assert not muon.gram_pays(256, 1536, 5)
+    assert (loss._chunked, transformer.tied_lookup, muon._by_gram_shape,
+            muon.gram_pays) == originals

@@ -284,3 +284,25 @@ def test_sizes_count_the_trimmed_head(tie, kept):
     assert sum(p.numel() for p in DeepSeekMini(cfg).parameters()) == total_params(cfg)
     rows = kept + (kept < V)
     assert flops_per_token(full, 32) - flops_per_token(cfg, 32) == 6 * (V - rows) * 64
+
+
+def test_a_trimmed_heads_fp32_loss_takes_larger_chunks_with_the_same_loss_and_gradients():
+    """fp32 chunks hold up to CHUNK_LOGITS logits: 1,280 rows for 8,193 classes, 256 for
+    the full 49,152 ids (as always); the loss and both gradients match 256-row chunks."""
+    from deepseek_mini.model import loss
+
+    rows = [loss.fp32_chunk_rows(torch.zeros(1, 8), torch.zeros(v, 8)) for v in (8193, 49152)]
+    assert rows == [1280, 256]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3000, 16, generator=generator)
+    weight = torch.randn(8193, 16, generator=generator) * 0.1
+    targets = torch.randint(0, 8193, (3000,), generator=generator)
+    targets[::7] = -100
+    results = []
+    for chunk in (None, 256):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ce = loss.linear_cross_entropy(h, w, targets, chunk_rows=chunk)
+        ce.backward()
+        results.append((ce.detach(), h.grad, w.grad))
+    for larger, plain in zip(*results, strict=True):
+        torch.testing.assert_close(larger, plain, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,11 @@ around its step only:
   gradient autograd builds as a second dense tensor (tied_embedding.py);
 - ``per-shape-ns``: fp32 Muon's Newton-Schulz batched by exact shape, a tall matrix not
   joined with the wide ones of its transposed shape (train/muon.py);
-- ``before``: all three.
+- ``plain-ns``: fp32 Newton-Schulz iterating on every matrix itself, no wide one in
+  Gram form (train/muon.py);
+- ``256-row-head``: the fp32 head's cross-entropy in chunks of 256 rows whatever its
+  size, not the larger chunks a trimmed head takes (model/loss.py);
+- ``before``: all five.
 
 ``--hf`` adds transformers' DeepseekV3 (its own model, fused AdamW) for the ratio the
 project's goal is stated in. Each figure is the median over rounds of one step's process
@@ -63,6 +67,8 @@ PATCHES = {
     "row-major-head": [(loss, "_chunked", _chunked_per_chunk)],
     "two-embedding-grads": [(transformer, "tied_lookup", _plain_lookup)],
     "per-shape-ns": [(muon, "_by_gram_shape", _by_exact_shape)],
+    "plain-ns": [(muon, "gram_pays", lambda rows, cols, steps: False)],
+    "256-row-head": [(loss, "CHUNK_LOGITS", 0)],
 }
 PATCHES["before"] = [p for name in list(PATCHES) for p in PATCHES[name]]
 

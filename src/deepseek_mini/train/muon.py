@@ -77,15 +77,63 @@ def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float
                   steps: int, eps: float) -> torch.Tensor:
     """torch.optim.Muon's Newton-Schulz (``_zeropower_via_newtonschulz``) over a stack of
     same-shaped matrices ``[n, rows, cols]`` at once, in ``updates``' own dtype (the
-    caller's fp32): each normalised by its own Frobenius norm, a tall one transposed."""
+    caller's fp32): each normalised by its own Frobenius norm, a tall one transposed. A
+    wide matrix (``gram_pays``) takes the same iteration in Gram form."""
     a, b, c = coefficients
     x = updates.mT if updates.shape[-2] > updates.shape[-1] else updates
     x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.mT
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, gram_update, x, beta=a)
+    if gram_pays(*x.shape[-2:], steps):
+        x = _gram_newton_schulz(x, coefficients, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, gram_update, x, beta=a)
     return x.mT if updates.shape[-2] > updates.shape[-1] else x
+
+
+GRAM_RESTART = 3  # Gram-form iterations between two products with the wide matrix
+
+
+def _gram_newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float],
+                        steps: int) -> torch.Tensor:
+    """The same iteration on ``x`` [n, r, c] (r < c) carried by its ``r x r`` Gram matrix.
+
+    Each step is ``x <- p(G) x`` with ``p(G) = aI + bG + cG^2`` and ``G = x x^T``; p(G) is a
+    polynomial in the symmetric G, so it commutes with it and the next Gram matrix is
+    ``p(G) G p(G)``, all ``r x r``: the wide ``r x c`` products are needed only to form G
+    and to apply the product of the p(G) ("Gram Newton-Schulz",
+    https://tridao.me/blog/2026/gram-newton-schulz/). Rounding in G grows with each
+    step's p(G) along the small singular directions, so every ``GRAM_RESTART`` steps x
+    itself is formed again and G recomputed from it: with that, fp32 lands about as close
+    to an fp64 iteration as the plain fp32 iteration does (tests/test_muon.py)."""
+    a, b, c = coefficients
+    done = 0
+    while done < steps:
+        block = min(GRAM_RESTART, steps - done)
+        gram = x @ x.mT
+        product = None
+        for k in range(block):
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            poly.diagonal(dim1=-2, dim2=-1).add_(a)
+            product = poly if product is None else poly @ product
+            if k < block - 1:
+                gram = poly @ (gram @ poly)
+        x = product @ x
+        done += block
+    return x
+
+
+def gram_pays(rows: int, cols: int, steps: int) -> bool:
+    """Whether the Gram form (``_gram_newton_schulz``) of an ``r x c`` (r <= c) iteration
+    takes fewer FLOPs than the plain one: from about 2:1 (an MoE expert's ``hidden x 2
+    hidden``, 0.88x the FLOPs, ran 1.1-1.3x faster on an AVX2 EPYC: its ``r x r``
+    products run faster than the wide ones) to a dense MLP's 6:1 (0.58x), not a square
+    matrix (1.2x)."""
+    blocks = -(-steps // GRAM_RESTART)
+    plain = steps * (2 * rows * rows * cols + rows ** 3)
+    gram = 2 * blocks * rows * rows * cols + (4 * steps - 3 * blocks) * rows ** 3
+    return gram < plain
 
 
 def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
