@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_quantize import V3  # the small DeepSeek-V3 layout the quantize tests use
 from tiny_run import small_config
 
 from deepseek_mini import DeepSeekMini, generate, quantize
@@ -23,10 +24,6 @@ from deepseek_mini.model.quantize import (
     quantize_rows,
 )
 from deepseek_mini.train.expert_parallel import ExpertParallelExperts
-
-V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swiglu",
-      "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_latent_dim": 32,
-      "max_position": 96}
 
 
 def lively(model: DeepSeekMini) -> DeepSeekMini:

@@ -54,16 +54,13 @@ class LatentCache:
     @property
     def latents(self) -> torch.Tensor:
         """The latents ``[layers, batch, max_len, latent]`` (a view of ``entries``)."""
-        if self.entries.shape[-1] == self.latent_size:
-            return self.entries
         return self.entries[..., :self.latent_size]
 
     @property
     def rope_keys(self) -> torch.Tensor | None:
         """The rotated rope keys ``[layers, batch, max_len, rope]``, or None without."""
-        if self.entries.shape[-1] == self.latent_size:
-            return None
-        return self.entries[..., self.latent_size:]
+        has_rope = self.entries.shape[-1] > self.latent_size
+        return self.entries[..., self.latent_size:] if has_rope else None
 
     @property
     def max_len(self) -> int:

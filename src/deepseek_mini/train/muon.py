@@ -102,11 +102,10 @@ def _gram_newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float
     Each step is ``x <- p(G) x`` with ``p(G) = aI + bG + cG^2`` and ``G = x x^T``; p(G) is a
     polynomial in the symmetric G, so it commutes with it and the next Gram matrix is
     ``p(G) G p(G)``, all ``r x r``: the wide ``r x c`` products are needed only to form G
-    and to apply the product of the p(G) ("Gram Newton-Schulz",
-    https://tridao.me/blog/2026/gram-newton-schulz/). Rounding in G grows with each
-    step's p(G) along the small singular directions, so every ``GRAM_RESTART`` steps x
-    itself is formed again and G recomputed from it: with that, fp32 lands about as close
-    to an fp64 iteration as the plain fp32 iteration does (tests/test_muon.py)."""
+    and to apply the product of the p(G) (Newton-Schulz "in Gram form"). Rounding in G
+    grows with each step's p(G) along the small singular directions, so every
+    ``GRAM_RESTART`` steps x itself is formed again and G recomputed from it: with that,
+    fp32 lands about as close to an fp64 iteration as the plain fp32 iteration does (tests/test_muon.py)."""
     a, b, c = coefficients
     done = 0
     while done < steps:
