@@ -105,7 +105,8 @@ def _gram_newton_schulz(x: torch.Tensor, coefficients: tuple[float, float, float
     and to apply the product of the p(G) (Newton-Schulz "in Gram form"). Rounding in G
     grows with each step's p(G) along the small singular directions, so every
     ``GRAM_RESTART`` steps x itself is formed again and G recomputed from it: with that,
-    fp32 lands about as close to an fp64 iteration as the plain fp32 iteration does (tests/test_muon.py)."""
+    fp32 lands about as close to an fp64 iteration as the plain fp32 iteration does
+    (tests/test_muon.py)."""
     a, b, c = coefficients
     done = 0
     while done < steps:
