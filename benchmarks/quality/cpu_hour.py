@@ -4,6 +4,7 @@
         --data ../shared/data/tinystories/train.txt [more.txt ...] --out bench/cpu-hour \\
         [--set K=V]...
     python benchmarks/quality/cpu_hour.py plot bench/*/result.json --out curves.png
+    python benchmarks/quality/cpu_hour.py plot bench/stopped-run ... --x tokens_seen ...
     python benchmarks/quality/cpu_hour.py table bench/*/result.json
     python benchmarks/quality/cpu_hour.py reference --data ... --out bench/smollm2  # SmolLM2's CE
 
@@ -249,7 +250,22 @@ def reference(args: argparse.Namespace) -> None:
 
 
 def load_results(paths: list[str]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    """``result.json`` files, or run folders whose run was stopped before its result.
+
+    A stopped run still has its validation curve (``metrics.jsonl``, in the folder or in
+    its ``run/``): it plots as a curve without the final held-out dot.
+    """
+    results = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            metrics = next((m for m in (p / "metrics.jsonl", p / "run" / "metrics.jsonl")
+                            if m.exists()), None)
+            if metrics is None:
+                raise SystemExit(f"{p}: neither result.json nor a run's metrics.jsonl")
+            results.append({"label": p.name, "curve": curve(metrics)})
+        else:
+            results.append(json.loads(p.read_text()))
+    return results
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -263,12 +279,14 @@ def plot(args: argparse.Namespace) -> None:
         if "curve" not in r:
             ax.axhline(r["final"]["ce"], color="grey", linestyle="--", label=r["label"])
             continue
-        points = [(c["cpu_s"], c["val_ce"]) for c in r["curve"] if c["cpu_s"] is not None]
+        points = [(c[args.x], c["val_ce"]) for c in r["curve"] if c[args.x] is not None]
         line, = ax.plot(*zip(*points, strict=True), label=r["label"])
-        ax.plot(r["train"]["cpu_s"], r["final"]["ce"], "o", color=line.get_color())
+        if "final" in r:
+            ax.plot(r["train"][args.x], r["final"]["ce"], "o", color=line.get_color())
     if args.target is not None:
         ax.axhline(args.target, color="red", linewidth=0.8, label=f"target {args.target}")
-    ax.set_xlabel("CPU-seconds of the training process (user + system)")
+    ax.set_xlabel({"cpu_s": "CPU-seconds of the training process (user + system)",
+                   "tokens_seen": "training tokens"}[args.x])
     ax.set_ylabel("CE, nats/token over the full vocabulary\n"
                   "(lines: validation batches; dots: whole held-out split)")
     ax.set_ylim(top=args.ymax)
@@ -284,6 +302,8 @@ def table(args: argparse.Namespace) -> None:
           "| load | CPU |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in load_results(args.results):
+        if "final" not in r:
+            continue
         t = r.get("train", {})
         best = r.get("best", {}).get("ce")
         print(f"| {r['label']} | {r['final']['ce']:.3f} | {r['final']['bpb']:.3f} | "
@@ -324,6 +344,8 @@ def main() -> None:
     p.add_argument("--target", type=float)
     p.add_argument("--ymax", type=float, default=5.0)
     p.add_argument("--title", default="held-out CE against CPU-seconds")
+    p.add_argument("--x", choices=("cpu_s", "tokens_seen"), default="cpu_s",
+                   help="the curves against CPU-seconds or against training tokens")
     p.set_defaults(func=plot)
     p = sub.add_parser("table", help="a Markdown table of results")
     p.add_argument("results", nargs="+")
