@@ -127,6 +127,17 @@ def test_attention_drops_its_probabilities_in_training_only(attention, model):
     assert torch.equal(attn(x, rope, rope), plain(x, rope, rope))
 
 
+def test_a_stored_dropout_model_loads_for_use_without_dropout(tmp_path):
+    dropped, plain = model_pair(0.2)
+    cfg = small_config(dropout=0.2)
+    atomic_save(weights_checkpoint(dropped.state_dict(), cfg.to_dict()), tmp_path / "m.pt")
+    loaded = DeepSeekMini.from_checkpoint(tmp_path / "m.pt")
+    assert not loaded.training and loaded.config.dropout == 0.2
+    prompt = torch.randint(0, 256, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, plain.eval()(prompt).logits)
+
+
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5])
 def test_an_out_of_range_dropout_is_one_error_line_naming_the_key(value):
     with pytest.raises(ConfigError, match=rf"^model\.dropout must be in \[0, 1\), got {value}$"):

@@ -381,17 +381,20 @@ class DeepSeekMini(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
                         ) -> DeepSeekMini:
-        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file)."""
+        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file), in
+        eval mode (see ``from_checkpoint_dict``)."""
         return cls.from_checkpoint_dict(load_checkpoint(path, map_location), path).to(
             map_location)
 
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict, path: str | Path) -> DeepSeekMini:
         """The model of an already read checkpoint (``path`` only names it in errors), for
-        callers that also need its other entries."""
+        callers that also need its other entries. In eval mode: a stored model is for
+        using, and one trained with ``model.dropout`` would otherwise drop activations in
+        ``generate`` or scoring (``.train()`` to train it on)."""
         model = cls(model_config_of(ckpt, path))
         load_weights(model, ckpt["model"], f"checkpoint {path}")
-        return model
+        return model.eval()
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
