@@ -321,7 +321,7 @@ def test_the_activation_estimate_is_below_what_autograd_keeps(data_overrides):
 
     for extra in ([], ["model.expert_activation=swiglu"],
                   ["model.attention=latent_rope", "model.router=sigmoid"],
-                  ["model.first_k_dense=1", "model.dense_hidden=16"]):
+                  ["model.first_k_dense=1", "model.dense_hidden=16"], ["model.dropout=0.1"]):
         cfg = Config.from_yaml(TINY_YAML, [*data_overrides, *extra, "model.num_layers=1",
                                            "train.micro_batch_size=1", "train.batch_size=1"])
         # one MoE layer's share (two layers less one); the dense model's: all of it

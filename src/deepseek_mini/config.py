@@ -67,6 +67,9 @@ class ModelConfig:
     mtp_ffn: str = "moe"  # each MTP module's feed-forward: moe (the model's) | dense (one expert)
     # LM head over the training split's N most frequent ids + one "other" class (0: full)
     head_vocab: int = 0
+    # Dropout while training (attention probabilities, each residual branch's output, the
+    # embeddings); 0 runs no dropout op at all. Evaluation and generation never drop.
+    dropout: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -118,6 +121,8 @@ class ModelConfig:
         if self.head_vocab > self.vocab_size:
             raise ConfigError(f"model.head_vocab ({self.head_vocab}) must not exceed "
                               f"model.vocab_size ({self.vocab_size})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         self._validate_groups()
 
     def _validate_groups(self) -> None:
@@ -347,7 +352,12 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "checkpoint") -> M
 ADDED_MODEL_KEYS = ("attention", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "router", "routed_scaling_factor", "bias_update_rate",
                     "n_group", "topk_group", "seq_aux_loss_coef", "first_k_dense",
-                    "dense_hidden", "mtp_depth", "mtp_ffn", "head_vocab")
+                    "dense_hidden", "mtp_depth", "mtp_ffn", "head_vocab", "dropout")
+
+
+# Model keys that shape no weight: a run may resume (with --allow-changes) or warm-start
+# from a checkpoint that had another value.
+TRAINING_MODEL_KEYS = ("dropout",)
 
 
 def upgrade_model_dict(raw: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,10 @@ def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int | None) -> dict[
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": cfg.rope_theta, "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_interleave": True, "attention_bias": False,
+        # transformers drops attention probabilities at this rate when fine-tuning; an
+        # import keeps its own config's model.dropout (a training-only key)
+        "attention_dropout": cfg.dropout,
         "num_nextn_predict_layers": 0, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "torch_dtype": "float32", "use_cache": True,
     }

@@ -38,6 +38,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout  # on the attention probabilities, in training mode only
         kv_width = cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.kv_down = nn.Linear(cfg.hidden_size, cfg.kv_latent_dim, bias=False)
@@ -67,6 +68,7 @@ class MultiHeadLatentAttention(nn.Module):
         k = apply_rope(k, *rope_k)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=cache is None and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 

@@ -44,6 +44,7 @@ class LatentRopeAttention(nn.Module):
         self.value = cfg.v_head_dim
         self.latent = cfg.kv_latent_dim
         self.scale = (self.nope + self.rope) ** -0.5
+        self.dropout = cfg.dropout  # on the attention probabilities, in training mode only
         q_width = cfg.num_heads * (self.nope + self.rope)
         if cfg.q_lora_rank:
             self.q_down = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
@@ -125,6 +126,7 @@ class LatentRopeAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                               is_causal=causal and mask is None,
+                                              dropout_p=self.dropout if self.training else 0.0,
                                               scale=self.scale)
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
@@ -135,6 +137,7 @@ class LatentRopeAttention(nn.Module):
         q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1)   # [B, H, T, c + r]
         k = torch.cat([latent, k_rope], dim=-1)[:, None]               # [B, 1, S, c + r]
         out = F.scaled_dot_product_attention(q, k, latent[:, None], attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0,
                                              scale=self.scale, enable_gqa=True)
         return torch.matmul(out, w_uv.transpose(1, 2))                 # [B, H, T, v]
 

@@ -160,10 +160,14 @@ def training_memory(cfg: Config, shards: int = 1) -> dict[str, int]:
     and what autograd keeps per token and layer, counted at 2 bytes a value (16-bit
     autocast) and only the widest tensors: the layer's input, attention output and norm
     inputs, the latent, each routed slot's input and every run expert's hidden units (a
-    dense layer's MLP units instead); measured, about half of what bf16 keeps."""
+    dense layer's MLP units instead); measured, about half of what bf16 keeps. With
+    ``model.dropout``, attention takes SDPA's plain path, which keeps each head's
+    probabilities over the window, their mask and the dropped ones."""
     m, t = cfg.model, cfg.train
     trained = mtp_params(m) if t.trainable == "mtp" else total_params(m) + mtp_params(m)
     common = 4 * m.hidden_size + m.kv_latent_dim
+    if m.dropout:
+        common += 3 * m.num_heads * cfg.data.seq_len
     moe = m.top_k * m.hidden_size + (m.top_k + m.num_shared_experts) * m.expert_hidden
     mtp = m.expert_hidden if m.mtp_ffn == "dense" else moe
     per_token = (m.num_layers + m.mtp_depth) * common + m.first_k_dense * m.dense_width \

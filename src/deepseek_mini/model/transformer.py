@@ -2,6 +2,8 @@
 
 Each decoder layer is pre-norm: ``x = x + MLA(norm(x))`` then ``x = x + MoE(norm(x))``;
 the first ``first_k_dense`` layers have a dense MLP instead of the MoE (DeepSeek-V3).
+With ``model.dropout`` p > 0, training drops (as nanoGPT does) the embeddings, the
+attention probabilities and each branch's output before its residual add.
 ``model.attention`` picks the seed's MLA (attention.py) or the decoupled-RoPE one
 (latent_rope_attention.py); ``model.router`` the MoE's router (router.py). With
 ``mtp_depth`` D, D multi-token-prediction modules (mtp.py) follow the last layer. With
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..checkpoint import load_checkpoint, model_config_of, state_dict_mismatch
 from ..config import ModelConfig
@@ -89,6 +92,7 @@ class DecoderLayer(nn.Module):
             self.moe = MoE(cfg)
         else:
             self.mlp = FeedForward(cfg.hidden_size, dense_width, cfg.expert_activation)
+        self.dropout = cfg.dropout  # on each branch's output, before the residual add
 
     @property
     def is_dense(self) -> bool:
@@ -97,11 +101,20 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
                 rope_k: tuple[torch.Tensor, torch.Tensor], cache: LatentCache | None,
                 mask: torch.Tensor | None, with_stats: bool = True):
-        x = x + self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask)
+        p = self.dropout if self.training else 0.0
+        x = x + dropout(self.attn(self.attn_norm(x), rope_q, rope_k, cache, mask), p)
         if self.is_dense:
-            return x + self.mlp(self.moe_norm(x)), None
+            return x + dropout(self.mlp(self.moe_norm(x)), p), None
         moe_out, stats = self.moe(self.moe_norm(x), with_stats)
-        return x + moe_out, stats
+        return x + dropout(moe_out, p), stats
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.dropout(x, p)`` (training); ``x`` itself when ``p`` is 0, so a model without
+    dropout, and every forward outside training, runs no extra op and draws no random
+    numbers (its steps, and its RNG's state, are bitwise those of a model without the
+    option)."""
+    return F.dropout(x, p, training=True) if p else x
 
 
 def check_model_fits(cfg: ModelConfig, what: str | None = None) -> None:
@@ -211,6 +224,7 @@ class DeepSeekMini(nn.Module):
         # targets) goes without them.
         with_stats = cache is None or targets is not None
         x, tied_head = self._embed(input_ids, targets)
+        x = dropout(x, self.config.dropout if self.training else 0.0)
         stats = []
         for layer in self.layers:
             x, layer_stats = layer(x, rope_q, rope_k, cache, mask, with_stats)
@@ -367,17 +381,20 @@ class DeepSeekMini(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"
                         ) -> DeepSeekMini:
-        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file)."""
+        """The model stored in a ``latest.pt`` / ``best.pt`` (or a warm-start file), in
+        eval mode (see ``from_checkpoint_dict``)."""
         return cls.from_checkpoint_dict(load_checkpoint(path, map_location), path).to(
             map_location)
 
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict, path: str | Path) -> DeepSeekMini:
         """The model of an already read checkpoint (``path`` only names it in errors), for
-        callers that also need its other entries."""
+        callers that also need its other entries. In eval mode: a stored model is for
+        using, and one trained with ``model.dropout`` would otherwise drop activations in
+        ``generate`` or scoring (``.train()`` to train it on)."""
         model = cls(model_config_of(ckpt, path))
         load_weights(model, ckpt["model"], f"checkpoint {path}")
-        return model
+        return model.eval()
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

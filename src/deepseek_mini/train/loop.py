@@ -122,7 +122,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, allow_changes: boo
     data = prepare_data(cfg.data, cfg.train.seed, cfg.model.vocab_size,
                         cfg.model.max_position, progress=ranks.is_main)
     torch.manual_seed(cfg.train.seed)
-    model = initial_model(cfg, ckpt, data.train).to(precision.device)
+    # training mode whatever the source (a loaded checkpoint is in eval mode): model.dropout
+    model = initial_model(cfg, ckpt, data.train).to(precision.device).train()
     set_trainable(model, cfg.train.trainable)
     train_model = parallel.wrap(model, precision)
     if cfg.train.compile:

@@ -30,8 +30,11 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype,
     the best run, not the mean, so a neighbour's burst on a shared machine does not pass
     for the hardware's peak."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # Its own generator: drawing from the global one here, after a resume restored it,
+    # would shift every later draw (dropout's masks) against the uninterrupted run.
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     F.linear(a, b)  # warm-up: kernel selection, allocation
     _sync(device)
     best, deadline = math.inf, time.perf_counter() + seconds

@@ -3,7 +3,8 @@
 A resume continues the run that was started: the settings that make it that run (the
 model, the data and how it is split and tokenized, the seed) stay as they were unless
 the user says ``--allow-changes``; schedule, logging and checkpoint settings may change,
-and every change is listed. The model can never change: the weights would not fit; nor
+and every change is listed. The model can never change: the weights would not fit (but
+for ``model.dropout``, which shapes no weight: a change of what the run is); nor
 can ``train.optimizer``: the saved optimizer state would not fit (a warm start from the
 checkpoint keeps the weights with a fresh optimizer).
 
@@ -19,7 +20,7 @@ import dataclasses
 from typing import Any
 
 from ..checkpoint import config_differences
-from ..config import Config
+from ..config import TRAINING_MODEL_KEYS, Config
 from ..errors import UserError
 
 # Data keys that do not change which tokens the run sees, in which order.
@@ -32,9 +33,13 @@ def run_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str
     current = cfg.to_dict()
     identity: list[str] = []
     other: list[str] = []
-    for section in ("data", "train"):
+    for section in ("model", "data", "train"):
         old, new = saved.get(section, {}), current[section]
-        free = DATA_FREE if section == "data" else set(new) - IDENTITY_TRAIN
+        if section == "model":  # the rest of it must match (state.resume_checkpoint)
+            old = {k: v for k, v in old.items() if k in TRAINING_MODEL_KEYS}
+            new = {k: v for k, v in new.items() if k in TRAINING_MODEL_KEYS}
+        free = (DATA_FREE if section == "data" else set() if section == "model"
+                else set(new) - IDENTITY_TRAIN)
         for key in sorted(set(old) | set(new)):
             if old.get(key, new.get(key)) == new.get(key):
                 continue  # equal, or a key the saved config predates at its default

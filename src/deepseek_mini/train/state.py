@@ -29,7 +29,7 @@ from ..checkpoint import (
     state_tensors,
     weights_checkpoint,
 )
-from ..config import Config
+from ..config import TRAINING_MODEL_KEYS, Config
 from ..data.frequent_ids import most_frequent_ids
 from ..errors import UserError
 from ..expert_usage import CollapseWatch
@@ -268,7 +268,7 @@ def resume_checkpoint(cfg: Config, out_dir: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"--resume: {path} holds no training state ({', '.join(missing)} "
                         "missing); to start from its weights use train.warm_start instead")
-    _check_model_config(ckpt, cfg, path)
+    _check_model_config(ckpt, cfg, path, free=TRAINING_MODEL_KEYS)  # resume.py lists those
     check_finite(ckpt, path, state=True)  # else NaN steps, then train.lr would be blamed
     return ckpt
 
@@ -316,7 +316,7 @@ def _checkpoint_warm_start(cfg: Config, path: Path) -> tuple[DeepSeekMini, bool]
     trained with another ``model.head_vocab`` gives its trunk and embedding, the head's
     ids and "other" vector start afresh."""
     warm = load_checkpoint(path)
-    _check_model_config(warm, cfg, path, free=("head_vocab",))
+    _check_model_config(warm, cfg, path, free=("head_vocab", *TRAINING_MODEL_KEYS))
     check_finite(warm, path)
     same_head = _saved_model_config(warm).get("head_vocab") == cfg.model.head_vocab
     return _with_weights(cfg, warm["model"], same_head, f"train.warm_start {path}"), same_head
