@@ -389,39 +389,51 @@ def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, capabili
 
 
 @pytest.mark.parametrize(("out", "width"), [(48, 64), (13, 36)])
-def test_compiled_one_row_kernel_is_the_dequantized_product_in_fp32(out, width):
+def test_compiled_one_row_kernel_is_the_dequantized_product_in_fp32(monkeypatch, out, width):
     """The ``inductor`` kernel's one-row product is fp32 ``F.linear`` with the dequantized
-    weight ``q * s`` within fp32 rounding (its activations stay fp32), for widths whose
-    word count is and is not a multiple of the vector width; an expert's slice of a
-    stacked [experts, out, in] tensor reads in place."""
+    weight ``q * s`` within fp32 rounding (its activations stay fp32), for word counts
+    that are and are not a multiple of the vector width; an expert's slice of a stacked
+    [experts, out, in] tensor is read in place, and a layer and experts running the
+    kernel give those products."""
+    monkeypatch.setattr(quantize_module, "MATVEC_MIN_WEIGHTS", 0)  # tiny matrices too
     torch.manual_seed(0)
     q, scale = quantize_rows(torch.randn(3, out, width))
     x = torch.randn(1, 1, width)
+
+    def reference(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+        return F.linear(x.double(), q.double() * scale.double()[:, None])
+
     for e in range(3):
         assert quantize_module.matvec_applies(x, q[e])
-        out_ = quantize_module.int8_linear(x, q[e], scale[e], kernel="inductor")
-        assert out_.shape == (1, 1, out) and out_.dtype == torch.float32
-        reference = F.linear(x.double(), q[e].double() * scale[e].double()[:, None])
-        torch.testing.assert_close(out_.double(), reference, rtol=1e-5, atol=1e-6)
+        product = quantize_module.int8_linear(x, q[e], scale[e], kernel="inductor")
+        assert product.shape == (1, 1, out) and product.dtype == torch.float32
+        torch.testing.assert_close(product.double(), reference(q[e], scale[e]),
+                                   rtol=1e-5, atol=1e-6)
+    layer = Int8Linear(q[0], scale[0], "inductor")
+    torch.testing.assert_close(layer(x).double(), reference(q[0], scale[0]),
+                               rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_kernel_takes_only_one_row_of_whole_words_and_falls_back_if_it_fails(
+def test_compiled_kernel_takes_one_row_of_a_large_matrix_and_falls_back_if_it_fails(
         monkeypatch):
-    """Several rows or a width that is not a multiple of 4 take int8pack's paths; where
-    the kernel cannot be compiled (no C++ compiler, say), a warning, and int8pack's
-    product for the one row too."""
+    """Several rows, a width that is not a multiple of 4 or a matrix under
+    ``MATVEC_MIN_WEIGHTS`` take int8pack's paths; where the kernel cannot be compiled
+    (no C++ compiler, say), a warning, and int8pack's product for the one row too."""
     q, scale = quantize_rows(torch.randn(16, 64))
+    assert not quantize_module.matvec_applies(torch.randn(1, 64), q)  # too small
+    monkeypatch.setattr(quantize_module, "MATVEC_MIN_WEIGHTS", 0)
     assert not quantize_module.matvec_applies(torch.randn(2, 64), q)
     assert not quantize_module.matvec_applies(torch.randn(1, 18), torch.ones(4, 18).char())
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(quantize_module, "_MATVEC", [])
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(quantize_module, "_MATVEC", {})
+    monkeypatch.setattr(torch._inductor, "compile", broken)
     x = torch.randn(1, 64)
     with pytest.warns(UserWarning, match="compiled int8 kernel is unavailable"):
         assert not quantize_module.matvec_applies(x, q)
+    assert quantize_module.compiled_matvec(16, 64) is None  # not tried again
     torch.testing.assert_close(quantize_module.int8_linear(x, q, scale, kernel="inductor"),
                                quantize_module.int8_linear(x, q, scale), rtol=0, atol=0)
 

@@ -24,14 +24,16 @@ benchmarks/decoding/int8_kernels.py and int8_matvec_compiled.py, figures in BENC
   that are not a multiple of 16 (``KERNEL_WIDTH``: the kernel returns wrong values or
   crashes) multiply an fp32 copy. Costs 0.0065 nats on the SmolLM2 warm start.
 * ``"inductor"``, the default on a CPU whose best vector unit is AVX2 (no AVX-512): a
-  decoding step's one-row products run a kernel that ``torch.compile`` (inductor's C++
-  backend) makes once per process for every shape (``dynamic=True``), with fp32
-  activations: the int8 matrix is read in place as 32-bit words (inductor's AVX2 code
-  loads int8 vectors through a stack buffer, a store-forwarding stall per load, but fp32
-  words directly), each byte sign-extended by two shifts and multiplied by its activation
-  (``int8_matvec``). Only the int8 bytes are read, and the product is the dequantized
-  weight's within fp32 rounding. Several rows, widths not a multiple of 4, a compiled
-  step, or a CPU where the compile fails take int8pack's paths.
+  decoding step's one-row products run a kernel that inductor (``torch.compile``'s C++
+  backend) makes once per matrix shape, with fp32 activations: the int8 matrix is read in
+  place as 32-bit words (inductor's AVX2 code loads int8 vectors through a stack buffer,
+  a store-forwarding stall per load, but fp32 words directly), each byte sign-extended by
+  two shifts and multiplied by its activation (``int8_matvec``). Only the int8 bytes are
+  read, and the product is the dequantized weight's within fp32 rounding: 1.3-2.3x
+  int8pack on the Zen 3 from 576 x 576 up to the 49,152-row head. It is called without
+  dynamo (``compiled_matvec``); a matrix under ``MATVEC_MIN_WEIGHTS`` (the 96-row kv
+  down-projection: 0.6x), several rows, widths not a multiple of 4, a compiled step, or
+  a machine where the compile fails take int8pack's paths.
 * ``"fbgemm"``, opt-in (``DEEPSEEK_MINI_INT8_KERNEL=fbgemm``): FBGEMM's packed int8 GEMM,
   ``torch.ops.quantized.linear_dynamic``, which also rounds the activations to 7 bits on
   the fly (one asymmetric range per call; several rows are brought to one range first,
@@ -55,6 +57,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -184,14 +187,17 @@ def _(x, experts, q, scale):
     return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
 
 
-def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+MATVEC_MIN_WEIGHTS = 1 << 17  # smaller matrices: int8pack (the kernel's call costs more)
+
+
+def int8_matvec(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale).T`` in fp32 for one row, from ``x`` [1, 4, in / 4] (``x[0, j, i]``
-    the activation of column ``4i + j``) and int8 ``q`` [out, in], read as [out, in / 4]
-    32-bit words (through fp32, which inductor loads directly): word i of a row holds
+    the activation of column ``4i + j``) and int8 ``q`` [out, in] viewed in place as
+    [out, in / 4] fp32 ``words`` (which inductor loads directly): word i of a row holds
     columns 4i..4i+3, byte j sign-extended by a left then an arithmetic right shift.
     Written for inductor, which makes of it one vectorised reduction per output channel
     (module docstring)."""
-    w = q.view(torch.float32).view(torch.int32)
+    w = words.view(torch.int32)
     acc = None
     for j in range(4):
         term = x[:, None, j, :] * ((w << (24 - 8 * j)) >> 24).to(torch.float32)
@@ -199,39 +205,49 @@ def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return acc.sum(-1) * scale.float()
 
 
-_MATVEC: list = []  # the compiled int8_matvec, made on first use; [None] if that failed
+# The compiled int8_matvec per (out, in), made on first use; None once a compile failed.
+_MATVEC: dict[tuple[int, int], Callable] | None = {}
 
 
-def compiled_matvec():
-    """``int8_matvec`` through ``torch.compile`` (one dynamic-shape compile serves every
-    layer), tried once per process on a small product checked against eager; None,
-    with a warning, where it cannot be compiled (no C++ compiler, say)."""
-    if not _MATVEC:
+def compiled_matvec(out: int, width: int) -> Callable | None:
+    """``int8_matvec`` for an [out, width] matrix, compiled by inductor from its traced
+    graph (once per shape and process; inductor's on-disk cache shortens later
+    processes' compiles) and called without dynamo, whose per-call frame and guards cost
+    more than the product of a small matrix. None, with a warning, where it cannot be
+    compiled (no C++ compiler, say)."""
+    global _MATVEC
+    if _MATVEC is None:
+        return None
+    if (out, width) not in _MATVEC:
+        args = (torch.zeros(1, 4, width // 4), torch.zeros(out, width // 4),
+                torch.zeros(out, dtype=COMPUTE))
         try:
-            kernel = torch.compile(int8_matvec, dynamic=True)
-            q = torch.randint(-127, 128, (5, 32), dtype=torch.int8)
-            x, scale = torch.randn(1, 4, 8), torch.rand(5).to(COMPUTE)
-            torch.testing.assert_close(kernel(x, q, scale), int8_matvec(x, q, scale))
-            _MATVEC.append(kernel)
+            from torch._inductor import compile as inductor_compile
+            from torch.fx.experimental.proxy_tensor import make_fx
+            _MATVEC[out, width] = inductor_compile(make_fx(int8_matvec)(*args), list(args))
         except Exception as error:  # noqa: BLE001 - any failure falls back to int8pack
             warnings.warn(f"the compiled int8 kernel is unavailable ({type(error).__name__}:"
                           f" {error}); one-row products run int8pack", stacklevel=2)
-            _MATVEC.append(None)
-    return _MATVEC[0]
+            _MATVEC = None
+            return None
+    return _MATVEC[out, width]
 
 
 def matvec_applies(x: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether the compiled kernel takes this product: one row, a width of whole words,
-    outside a compiled step (whose own graph runs int8pack's paths)."""
-    return (x.numel() == x.shape[-1] and q.shape[-1] % 4 == 0
-            and not torch.compiler.is_compiling() and compiled_matvec() is not None)
+    """Whether the compiled kernel takes this product: one row, a width of whole words, a
+    matrix large enough to pay for the call, outside a compiled step (whose own graph
+    runs int8pack's paths)."""
+    out, width = q.shape
+    return (x.numel() == width and width % 4 == 0 and out * width >= MATVEC_MIN_WEIGHTS
+            and not torch.compiler.is_compiling()
+            and compiled_matvec(out, width) is not None)
 
 
 def matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """One row ``x`` [..., in] through the compiled kernel: fp32 [1, out]."""
-    width = q.shape[-1]
+    out, width = q.shape
     columns = x.reshape(1, width // 4, 4).transpose(1, 2).float().contiguous()
-    return compiled_matvec()(columns, q, scale)
+    return compiled_matvec(out, width)(columns, q.view(torch.float32), scale)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
