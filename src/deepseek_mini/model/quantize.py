@@ -393,8 +393,9 @@ class Int8Experts(nn.Module):
         return torch.cat([self._expert(rows, e) for e in experts.tolist()]).to(x.dtype)
 
     def _product(self, rows: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        return int8_linear(rows, getattr(self, f"{name}_q")[e],
-                           getattr(self, f"{name}_scale")[e], self.packed[name][e], self.kernel)
+        # in the compute dtype: the inductor kernel's int8pack fallback returns bf16
+        return int8_linear(rows, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
+                           self.packed[name][e], self.kernel).to(self.compute)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         """The first product's output (gate and up side by side, or up) activated."""
