@@ -33,8 +33,8 @@ V3 = {"attention": "latent_rope", "router": "sigmoid", "expert_activation": "swi
       "max_position": 96}
 LAYOUTS = {"seed": {"max_position": 96}, "v3": V3}
 # Every quantized path: int8 through each kernel (model/quantize.py), and bf16.
-PATHS = {"int8-fbgemm": ("int8", "fbgemm"), "int8-int8pack": ("int8", "int8pack"),
-         "bf16": ("bf16", None)}
+PATHS = {"int8-fbgemm": ("int8", "fbgemm"), "int8-inductor": ("int8", "inductor"),
+         "int8-int8pack": ("int8", "int8pack"), "bf16": ("bf16", None)}
 
 
 def quantized(model: DeepSeekMini, path: str) -> DeepSeekMini:
@@ -373,17 +373,69 @@ def test_cli_refuses_quantize_off_the_cpu_in_one_line(command, checkpoint, capsy
 
 def test_unknown_int8_kernel_is_a_one_line_error():
     with pytest.raises(UserError, match=r"^unknown int8 kernel 'int4pack': choose one of "
-                                        r"fbgemm, int8pack$"):
+                                        r"fbgemm, inductor, int8pack$"):
         quantize(DeepSeekMini(small_config().model), "int8", "int4pack")
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, native_bf16):
-    """int8pack by default with or without native bf16: fbgemm is faster on an AVX2 CPU,
-    but its 7-bit activations cost 0.14 nats on a real model (BENCHMARKS.md,
-    "Quantization quality")."""
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
-    assert quantize_module.best_kernel() == "int8pack"
+@pytest.mark.parametrize(("capability", "kernel"), [("AVX2", "inductor"),
+                                                     ("AVX512", "int8pack"),
+                                                     ("DEFAULT", "int8pack")])
+def test_the_default_kernel_keeps_the_quality_on_every_cpu(monkeypatch, capability, kernel):
+    """The compiled one-row kernel where it was measured faster (an AVX2-only CPU),
+    int8pack elsewhere; never fbgemm, faster on an AVX2 CPU but whose 7-bit activations
+    cost 0.14 nats on a real model (BENCHMARKS.md, "Quantization quality")."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert quantize_module.best_kernel() == kernel
+
+
+@pytest.mark.parametrize(("out", "width"), [(48, 64), (13, 36)])
+def test_compiled_one_row_kernel_is_the_dequantized_product_in_fp32(monkeypatch, out, width):
+    """The ``inductor`` kernel's one-row product is fp32 ``F.linear`` with the dequantized
+    weight ``q * s`` within fp32 rounding (its activations stay fp32), for word counts
+    that are and are not a multiple of the vector width; an expert's slice of a stacked
+    [experts, out, in] tensor is read in place, and a layer and experts running the
+    kernel give those products."""
+    monkeypatch.setattr(quantize_module, "MATVEC_MIN_WEIGHTS", 0)  # tiny matrices too
+    torch.manual_seed(0)
+    q, scale = quantize_rows(torch.randn(3, out, width))
+    x = torch.randn(1, 1, width)
+
+    def reference(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor = x) -> torch.Tensor:
+        return F.linear(x.double(), q.double() * scale.double()[:, None])
+
+    for e in range(3):
+        assert quantize_module.matvec_applies(x, q[e])
+        product = quantize_module.int8_linear(x, q[e], scale[e], kernel="inductor")
+        assert product.shape == (1, 1, out) and product.dtype == torch.float32
+        torch.testing.assert_close(product.double(), reference(q[e], scale[e]),
+                                   rtol=1e-5, atol=1e-6)
+    layer = Int8Linear(q[0], scale[0], "inductor")
+    torch.testing.assert_close(layer(x).double(), reference(q[0], scale[0]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_kernel_takes_one_row_of_a_large_matrix_and_falls_back_if_it_fails(
+        monkeypatch):
+    """Several rows, a width that is not a multiple of 4 or a matrix under
+    ``MATVEC_MIN_WEIGHTS`` take int8pack's paths; where the kernel cannot be compiled
+    (no C++ compiler, say), a warning, and int8pack's product for the one row too."""
+    q, scale = quantize_rows(torch.randn(16, 64))
+    assert not quantize_module.matvec_applies(torch.randn(1, 64), q)  # too small
+    monkeypatch.setattr(quantize_module, "MATVEC_MIN_WEIGHTS", 0)
+    assert not quantize_module.matvec_applies(torch.randn(2, 64), q)
+    assert not quantize_module.matvec_applies(torch.randn(1, 18), torch.ones(4, 18).char())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(quantize_module, "_MATVEC", {})
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    x = torch.randn(1, 64)
+    with pytest.warns(UserWarning, match="compiled int8 kernel is unavailable"):
+        assert not quantize_module.matvec_applies(x, q)
+    assert quantize_module.compiled_matvec(16, 64) is None  # not tried again
+    torch.testing.assert_close(quantize_module.int8_linear(x, q, scale, kernel="inductor"),
+                               quantize_module.int8_linear(x, q, scale), rtol=0, atol=0)
 
 
 def test_compiled_fbgemm_ops_match_the_eager_products():

@@ -13,8 +13,9 @@ projections, which read the same rows, become one matrix (one product; per-row s
 keep every output channel as it would be alone). The router (a few thousand weights,
 whose top-k choice is discontinuous) and the norms stay as they are.
 
-Products run one of two int8 kernels (``KERNEL``; measured by
-benchmarks/decoding/int8_kernels.py, figures in BENCHMARKS.md, "int8 and bf16 weights"):
+Products run one of three int8 kernels (``KERNEL``; measured by
+benchmarks/decoding/int8_kernels.py and int8_matvec_compiled.py, figures in BENCHMARKS.md,
+"int8 and bf16 weights"):
 
 * ``"int8pack"``, the default: PyTorch's weight-only kernel ``torch._weight_int8pack_mm``
   with bf16 activations, 4.5-10x fp32 ``F.linear`` for a few rows on a CPU with native
@@ -22,6 +23,17 @@ benchmarks/decoding/int8_kernels.py, figures in BENCHMARKS.md, "int8 and bf16 we
   prompt's prefill) a cast of the int8 matrix to bf16 and one bf16 GEMM is faster; widths
   that are not a multiple of 16 (``KERNEL_WIDTH``: the kernel returns wrong values or
   crashes) multiply an fp32 copy. Costs 0.0065 nats on the SmolLM2 warm start.
+* ``"inductor"``, the default on a CPU whose best vector unit is AVX2 (no AVX-512): a
+  decoding step's one-row products run a kernel that inductor (``torch.compile``'s C++
+  backend) makes once per matrix shape, with fp32 activations: the int8 matrix is read in
+  place as 32-bit words (inductor's AVX2 code loads int8 vectors through a stack buffer,
+  a store-forwarding stall per load, but fp32 words directly), each byte sign-extended by
+  two shifts and multiplied by its activation (``int8_matvec``). Only the int8 bytes are
+  read, and the product is the dequantized weight's within fp32 rounding: 1.3-2.3x
+  int8pack on the Zen 3 from 576 x 576 up to the 49,152-row head. It is called without
+  dynamo (``compiled_matvec``); a matrix under ``MATVEC_MIN_WEIGHTS`` (the 96-row kv
+  down-projection: 0.6x), several rows, widths not a multiple of 4, a compiled step, or
+  a machine where the compile fails take int8pack's paths.
 * ``"fbgemm"``, opt-in (``DEEPSEEK_MINI_INT8_KERNEL=fbgemm``): FBGEMM's packed int8 GEMM,
   ``torch.ops.quantized.linear_dynamic``, which also rounds the activations to 7 bits on
   the fly (one asymmetric range per call; several rows are brought to one range first,
@@ -45,6 +57,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,13 +71,15 @@ MODES = ("int8", "bf16")
 DEQUANTIZE_ROWS = 16  # rows above which a cast + bf16 GEMM beats the int8 kernel
 KERNEL_WIDTH = 16  # _weight_int8pack_mm needs input widths that are multiples of this
 COMPUTE = torch.bfloat16  # activations of the int8pack products
-KERNELS = ("fbgemm", "int8pack")
+KERNELS = ("fbgemm", "inductor", "int8pack")
 
 
 def best_kernel() -> str:
-    """The default int8 kernel: int8pack on every CPU. FBGEMM is faster on an AVX2-only
-    CPU but its 7-bit activations cost 0.14 nats on a real model (module docstring)."""
-    return "int8pack"
+    """The default int8 kernel: the compiled one-row kernel on an AVX2-only CPU, where it
+    was measured faster than int8pack (module docstring), int8pack elsewhere. FBGEMM is
+    faster still on an AVX2-only CPU but its 7-bit activations cost 0.14 nats on a real
+    model."""
+    return "inductor" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "int8pack"
 
 
 # DEEPSEEK_MINI_INT8_KERNEL names another kernel (checked when a model is quantized).
@@ -172,10 +187,75 @@ def _(x, experts, q, scale):
     return x.new_empty(x.shape[0], q.shape[1], dtype=torch.float32)
 
 
+MATVEC_MIN_WEIGHTS = 1 << 17  # smaller matrices: int8pack (the kernel's call costs more)
+
+
+def int8_matvec(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale).T`` in fp32 for one row, from ``x`` [1, 4, in / 4] (``x[0, j, i]``
+    the activation of column ``4i + j``) and int8 ``q`` [out, in] viewed in place as
+    [out, in / 4] fp32 ``words`` (which inductor loads directly): word i of a row holds
+    columns 4i..4i+3, byte j sign-extended by a left then an arithmetic right shift.
+    Written for inductor, which makes of it one vectorised reduction per output channel
+    (module docstring)."""
+    w = words.view(torch.int32)
+    acc = None
+    for j in range(4):
+        term = x[:, None, j, :] * ((w << (24 - 8 * j)) >> 24).to(torch.float32)
+        acc = term if acc is None else acc + term
+    return acc.sum(-1) * scale.float()
+
+
+# The compiled int8_matvec per (out, in), made on first use; None once a compile failed.
+_MATVEC: dict[tuple[int, int], Callable] | None = {}
+
+
+def compiled_matvec(out: int, width: int) -> Callable | None:
+    """``int8_matvec`` for an [out, width] matrix, compiled by inductor from its traced
+    graph (once per shape and process; inductor's on-disk cache shortens later
+    processes' compiles) and called without dynamo, whose per-call frame and guards cost
+    more than the product of a small matrix. None, with a warning, where it cannot be
+    compiled (no C++ compiler, say)."""
+    global _MATVEC
+    if _MATVEC is None:
+        return None
+    if (out, width) not in _MATVEC:
+        args = (torch.zeros(1, 4, width // 4), torch.zeros(out, width // 4),
+                torch.zeros(out, dtype=COMPUTE))
+        try:
+            from torch._inductor import compile as inductor_compile
+            from torch.fx.experimental.proxy_tensor import make_fx
+            _MATVEC[out, width] = inductor_compile(make_fx(int8_matvec)(*args), list(args))
+        except Exception as error:  # noqa: BLE001 - any failure falls back to int8pack
+            warnings.warn(f"the compiled int8 kernel is unavailable ({type(error).__name__}:"
+                          f" {error}); one-row products run int8pack", stacklevel=2)
+            _MATVEC = None
+            return None
+    return _MATVEC[out, width]
+
+
+def matvec_applies(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether the compiled kernel takes this product: one row, a width of whole words, a
+    matrix large enough to pay for the call, outside a compiled step (whose own graph
+    runs int8pack's paths)."""
+    out, width = q.shape
+    return (x.numel() == width and width % 4 == 0 and out * width >= MATVEC_MIN_WEIGHTS
+            and not torch.compiler.is_compiling()
+            and compiled_matvec(out, width) is not None)
+
+
+def matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One row ``x`` [..., in] through the compiled kernel: fp32 [1, out]."""
+    out, width = q.shape
+    columns = x.reshape(1, width // 4, 4).transpose(1, 2).float().contiguous()
+    return compiled_matvec(out, width)(columns, q.view(torch.float32), scale)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                packed: torch.ScriptObject | None = None) -> torch.Tensor:
+                packed: torch.ScriptObject | None = None,
+                kernel: str = "int8pack") -> torch.Tensor:
     """``x @ (q * scale).T`` for ``x`` [..., in], ``q`` int8 [out, in], ``scale`` bf16
-    [out]: through FBGEMM's ``packed`` copy when given (fp32 out), else the int8pack kernel
+    [out]: through FBGEMM's ``packed`` copy when given (fp32 out); with the ``inductor``
+    kernel, one row through the compiled kernel (fp32 out); else the int8pack kernel
     (bf16 in, bf16 out) for a few rows and a cast + bf16 GEMM for many. A width the
     int8pack kernel gets wrong casts to fp32, since a bf16 GEMM of that size costs 3x
     fp32's in per-call overhead."""
@@ -183,6 +263,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         if torch.compiler.is_compiling():
             return fbgemm_linear_op(x.float(), q, scale)
         return fbgemm_linear(x, packed).view(*x.shape[:-1], q.shape[0])
+    if kernel == "inductor" and matvec_applies(x, q):
+        return matvec(x, q, scale).view(*x.shape[:-1], q.shape[0])
     rows = x.reshape(-1, x.shape[-1])
     if q.shape[-1] % KERNEL_WIDTH:
         out = F.linear(rows.float(), q.float()) * scale.float()
@@ -215,7 +297,7 @@ class Int8Linear(nn.Module):
         # up-projections) multiplies in fp32 anyway: its dequantized weight is made once
         # here, not cast from ``q`` at every call.
         self.register_buffer("weight32", q.float() * scale.float()[:, None]
-                             if kernel == "int8pack" and q.shape[-1] % KERNEL_WIDTH else None)
+                             if kernel != "fbgemm" and q.shape[-1] % KERNEL_WIDTH else None)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, kernel: str = KERNEL) -> Int8Linear:
@@ -232,7 +314,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight32 is not None:
             return F.linear(x.float(), self.weight32).to(x.dtype)
-        return int8_linear(x, self.q, self.scale, self.packed).to(x.dtype)
+        return int8_linear(x, self.q, self.scale, self.packed, self.kernel).to(x.dtype)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] it multiplies by, as ``dtype``: for products that are not
@@ -287,7 +369,8 @@ class Int8Experts(nn.Module):
         super().__init__()
         check_kernel(kernel)
         self.has_gate = experts.w_gate is not None
-        self.compute = torch.float32 if kernel == "fbgemm" else COMPUTE
+        self.kernel = kernel
+        self.compute = COMPUTE if kernel == "int8pack" else torch.float32
         self.first = "w_gate_up" if self.has_gate else "w_up"
         self.packed: dict[str, list[torch.ScriptObject | None]] = {}
         first = (torch.cat([experts.w_gate, experts.w_up], dim=2) if self.has_gate
@@ -310,8 +393,9 @@ class Int8Experts(nn.Module):
         return torch.cat([self._expert(rows, e) for e in experts.tolist()]).to(x.dtype)
 
     def _product(self, rows: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        return int8_linear(rows, getattr(self, f"{name}_q")[e],
-                           getattr(self, f"{name}_scale")[e], self.packed[name][e])
+        # in the compute dtype: the inductor kernel's int8pack fallback returns bf16
+        return int8_linear(rows, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e],
+                           self.packed[name][e], self.kernel).to(self.compute)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         """The first product's output (gate and up side by side, or up) activated."""
@@ -334,9 +418,10 @@ class Int8Experts(nn.Module):
         """Row ``i`` of ``x`` through expert ``experts[i]`` (a compiled step's few slots):
         with FBGEMM, one opaque op per projection running each slot's packed expert;
         otherwise batched products over the chosen experts' int8 weights, gathered by index
-        (never all experts') and cast, the scale applied to the products."""
+        (never all experts') and cast to the compute dtype, the scale applied to the
+        products."""
         def product(rows: torch.Tensor, name: str) -> torch.Tensor:
-            if self.compute == torch.float32:  # fbgemm: the chosen experts' packed weights
+            if self.kernel == "fbgemm":  # the chosen experts' packed weights
                 return fbgemm_gathered_op(rows, experts, getattr(self, f"{name}_q"),
                                           getattr(self, f"{name}_scale"))
             q = getattr(self, f"{name}_q")[experts]           # [S, out, in] int8
