@@ -35,6 +35,8 @@ once per shape and row count (its first call, printed; inductor's on-disk cache 
 second run's compiles short).
 
     python benchmarks/decoding/int8_matvec_compiled.py --rows 1 4
+
+Fills BENCHMARKS.md, section "A compiled one-row int8 kernel for AVX2".
 """
 
 from __future__ import annotations
